@@ -1,0 +1,396 @@
+"""Fused residual-add + LayerNorm.
+
+``layer_norm(x, weight, bias, eps, residual)`` computes ``y = LN(x)`` or, with a
+residual, ``s = x + residual`` and ``y = LN(s)`` in one pass, returning
+``(y, s)`` — the building block of both pre-norm and post-norm transformer
+layers (BERT's ``LayerNorm(hidden + input)``).
+
+This module holds everything about the op:
+
+- :func:`layer_norm_ref` / :func:`layer_norm_backward_ref`: plain PyTorch in
+  fp32, the CPU default and the tests' reference;
+- the Triton kernels: a forward (one row per program, fp32 statistics) and a
+  backward that computes ``dx`` (and so ``dresidual``) in one pass while each
+  persistent program accumulates partial ``dweight``/``dbias`` sums over its
+  rows in registers; a second small kernel reduces the partial sums;
+- the ``torch.library`` ops ``turbotune::layer_norm`` and
+  ``turbotune::layer_norm_backward`` with fake implementations and autograd;
+- :func:`layer_norm`, the public function.
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import backend
+from ._triton import HAS_TRITON, next_power_of_2, num_programs_hint, tl, triton
+
+OP = "layer_norm"
+# Rows wider than this do not fit one program's registers; they use the reference.
+MAX_FUSED_N = 65536
+
+backend.register_op(
+    OP,
+    triton_dtypes=backend.FLOATS,
+    summary="fused residual-add + LayerNorm (forward and backward)",
+)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def layer_norm_ref(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Plain-PyTorch fused add + LayerNorm computed in fp32 (same contract as :func:`layer_norm`)."""
+    y, s, _, _ = _forward_ref(x, weight, bias, residual, eps)
+    return y if residual is None else (y, s)
+
+
+def _forward_ref(x, weight, bias, residual, eps):
+    n = x.shape[-1]
+    sf = x.float()
+    s = x.new_empty(0)
+    if residual is not None:
+        sf = sf + residual.float()
+        s = sf.to(torch.promote_types(x.dtype, residual.dtype))
+    mean = sf.mean(dim=-1)
+    var = (sf - mean.unsqueeze(-1)).square().sum(dim=-1) / n
+    rstd = torch.rsqrt(var + eps)
+    y = (sf - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype), s, mean, rstd
+
+
+def layer_norm_backward_ref(dy, dres, s, weight, mean, rstd, has_bias: bool):
+    """Gradients ``(dx, dweight, dbias)`` of the fused op, in fp32 math.
+
+    ``s`` is the normalized input (``x`` or ``x + residual``), ``dres`` the
+    gradient flowing into the residual output (or None).
+    """
+    n = s.shape[-1]
+    xhat = (s.float() - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    dyf = dy.float()
+    g = dyf * weight.float() if weight is not None else dyf
+    c1 = (xhat * g).sum(-1, keepdim=True) / n
+    c2 = g.sum(-1, keepdim=True) / n
+    dx = (g - xhat * c1 - c2) * rstd.unsqueeze(-1)
+    if dres is not None:
+        dx = dx + dres.float()
+    rows = dyf.reshape(-1, n)
+    dw = (rows * xhat.reshape(-1, n)).sum(0).to(weight.dtype) if weight is not None else None
+    db = rows.sum(0).to(weight.dtype if weight is not None else dy.dtype) if has_bias else None
+    return dx.to(s.dtype), dw, db
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _ln_fwd_kernel(
+        X, R, W, B, Y, S, Mean, Rstd,
+        stride_x, stride_r, stride_y, stride_s,
+        N, eps,
+        HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(S + row * stride_s + cols, x.to(S.dtype.element_ty), mask=mask)
+        mean = tl.sum(x, axis=0) / N
+        xc = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(xc * xc, axis=0) / N
+        rstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(Mean + row, mean)
+        tl.store(Rstd + row, rstd)
+        y = xc * rstd
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _ln_bwd_kernel(
+        DY, DRES, S, W, Mean, Rstd, DX, DW_part, DB_part,
+        stride_dy, stride_dres, stride_s, stride_dx,
+        M, N, rows_per_program,
+        HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        if HAS_W:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        row_start = pid * rows_per_program
+        row_end = tl.minimum(row_start + rows_per_program, M)
+        for r in range(row_start, row_end):
+            row = r.to(tl.int64)
+            s = tl.load(S + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(Mean + row)
+            rstd = tl.load(Rstd + row)
+            xhat = tl.where(mask, (s - mean) * rstd, 0.0)
+            if HAS_W:
+                g = dy * w
+            else:
+                g = dy
+            c1 = tl.sum(xhat * g, axis=0) / N
+            c2 = tl.sum(g, axis=0) / N
+            dx = (g - (xhat * c1 + c2)) * rstd
+            if HAS_DRES:
+                dx += tl.load(DRES + row * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            if NEED_DW:
+                dw_acc += dy * xhat
+            if NEED_DB:
+                db_acc += dy
+        if NEED_DW:
+            tl.store(DW_part + pid * N + cols, dw_acc, mask=mask)
+        if NEED_DB:
+            tl.store(DB_part + pid * N + cols, db_acc, mask=mask)
+
+    @triton.jit
+    def _column_sum_kernel(P, OUT, rows, N, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """OUT[c] = sum_r P[r, c] for a (rows, N) fp32 matrix; one program per column block."""
+        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < N
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for r0 in range(0, rows, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            m = (r[:, None] < rows) & cmask[None, :]
+            acc += tl.load(P + r[:, None].to(tl.int64) * N + cols[None, :], mask=m, other=0.0)
+        tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cmask)
+
+
+def _warps(block_n: int) -> int:
+    return int(min(16, max(1, block_n // 256)))
+
+
+def _forward_triton(x2, w, b, r2, eps):
+    m, n = x2.shape
+    y = torch.empty_like(x2)
+    s = torch.empty(m, n, dtype=torch.promote_types(x2.dtype, r2.dtype), device=x2.device) if r2 is not None else x2.new_empty(0)
+    mean = torch.empty(m, dtype=torch.float32, device=x2.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x2.device)
+    if m == 0:
+        return y, s, mean, rstd
+    block_n = next_power_of_2(n)
+    _ln_fwd_kernel[(m,)](
+        x2, r2 if r2 is not None else x2, w if w is not None else x2, b if b is not None else x2,
+        y, s if r2 is not None else y, mean, rstd,
+        x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), s.stride(0) if r2 is not None else 0,
+        n, eps,
+        HAS_RES=r2 is not None, HAS_W=w is not None, HAS_B=b is not None, BLOCK_N=block_n,
+        num_warps=_warps(block_n),
+    )
+    return y, s, mean, rstd
+
+
+def _column_sum(part: Tensor, dtype: torch.dtype) -> Tensor:
+    rows, n = part.shape
+    out = torch.empty(n, dtype=dtype, device=part.device)
+    block_c = min(128, next_power_of_2(n))
+    _column_sum_kernel[(triton.cdiv(n, block_c),)](part, out, rows, n, BLOCK_R=32, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
+def _backward_triton(dy2, dres2, s2, w, mean, rstd, has_bias):
+    m, n = s2.shape
+    dx = torch.empty(m, n, dtype=s2.dtype, device=s2.device)
+    w_dtype = w.dtype if w is not None else dy2.dtype
+    if m == 0:
+        zeros = torch.zeros(n, dtype=w_dtype, device=s2.device)
+        return dx, (zeros if w is not None else None), (zeros.clone() if has_bias else None)
+    block_n = next_power_of_2(n)
+    programs = max(1, min(m, num_programs_hint(s2.device)))
+    rows_per_program = triton.cdiv(m, programs)
+    programs = triton.cdiv(m, rows_per_program)
+    need_dw, need_db = w is not None, has_bias
+    dw_part = torch.empty(programs, n, dtype=torch.float32, device=s2.device) if need_dw else mean
+    db_part = torch.empty(programs, n, dtype=torch.float32, device=s2.device) if need_db else mean
+    _ln_bwd_kernel[(programs,)](
+        dy2, dres2 if dres2 is not None else dy2, s2, w if w is not None else dy2, mean, rstd, dx, dw_part, db_part,
+        dy2.stride(0), dres2.stride(0) if dres2 is not None else 0, s2.stride(0), dx.stride(0),
+        m, n, rows_per_program,
+        HAS_DRES=dres2 is not None, HAS_W=w is not None, NEED_DW=need_dw, NEED_DB=need_db, BLOCK_N=block_n,
+        num_warps=_warps(block_n) if s2.device.type == "cuda" else 1,
+    )
+    dw = _column_sum(dw_part, w_dtype) if need_dw else None
+    db = _column_sum(db_part, w_dtype) if need_db else None
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+
+
+def _use_triton(x: Tensor) -> bool:
+    return backend.select(OP, x.device, x.dtype).impl == backend.TRITON and x.shape[-1] <= MAX_FUSED_N
+
+
+@torch.library.custom_op("turbotune::layer_norm", mutates_args=())
+def _layer_norm_op(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], eps: float
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, s, mean, rstd)``; ``s = x + residual`` (empty without residual),
+    ``mean``/``rstd`` fp32 of shape ``x.shape[:-1]``."""
+    if not _use_triton(x):
+        y, s, mean, rstd = _forward_ref(x, weight, bias, residual, eps)
+        return y, s, mean.contiguous(), rstd.contiguous()
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n).contiguous()
+    r2 = residual.reshape(-1, n).contiguous() if residual is not None else None
+    y, s, mean, rstd = _forward_triton(
+        x2, weight.contiguous() if weight is not None else None, bias.contiguous() if bias is not None else None, r2, eps
+    )
+    lead = x.shape[:-1]
+    return y.view(x.shape), (s.view(x.shape) if residual is not None else s), mean.view(lead), rstd.view(lead)
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, residual, eps):
+    s = (
+        x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
+        if residual is not None
+        else x.new_empty(0)
+    )
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(x), s, stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("turbotune::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(
+    dy: Tensor, dres: Optional[Tensor], s: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, has_bias: bool
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(ds, dweight, dbias)``; ``ds`` has ``s.dtype``; a gradient that
+    is not needed (no weight / no bias) is an empty tensor."""
+    if not _use_triton(s):
+        dx, dw, db = layer_norm_backward_ref(dy, dres, s, weight, mean, rstd, has_bias)
+        return dx, _or_empty(dw, s), _or_empty(db, s)
+    n = s.shape[-1]
+    dx, dw, db = _backward_triton(
+        dy.reshape(-1, n).contiguous(),
+        dres.reshape(-1, n).contiguous() if dres is not None else None,
+        s.reshape(-1, n).contiguous(),
+        weight.contiguous() if weight is not None else None,
+        mean.reshape(-1).contiguous(),
+        rstd.reshape(-1).contiguous(),
+        has_bias,
+    )
+    return dx.view(s.shape), _or_empty(dw, s), _or_empty(db, s)
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+@_layer_norm_backward_op.register_fake
+def _(dy, dres, s, weight, mean, rstd, has_bias):
+    n = s.shape[-1]
+    wd = weight.dtype if weight is not None else dy.dtype
+    dw = s.new_empty((n,), dtype=wd) if weight is not None else s.new_empty(0)
+    db = s.new_empty((n,), dtype=wd) if has_bias else s.new_empty(0)
+    return torch.empty_like(s), dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, eps = inputs
+    y, s, mean, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.has_bias = bias is not None
+    ctx.x_dtype = x.dtype
+    ctx.res_dtype = residual.dtype if residual is not None else None
+    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, ds, dmean, drstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros(s.shape, dtype=ctx.x_dtype, device=s.device)
+    dres = ds if (ctx.has_residual and ds is not None) else None
+    dsum, dw, db = torch.ops.turbotune.layer_norm_backward(dy, dres, s, weight, mean, rstd, ctx.has_bias)
+    dx = dsum.to(ctx.x_dtype)
+    dr = dsum.to(ctx.res_dtype) if ctx.has_residual else None
+    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), dr, None
+
+
+_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check(x, weight, bias, residual, eps):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"layer_norm: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"layer_norm: x must have shape (..., N) with N >= 1, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"layer_norm: x must be a floating tensor, got dtype {x.dtype}")
+    n = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.shape != (n,):
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"layer_norm: {name} must have shape ({n},) to match x's last dim, got {got}")
+        if t.device != x.device:
+            raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {x.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"layer_norm: {name} must be a floating tensor, got dtype {t.dtype}")
+    if residual is not None:
+        if not isinstance(residual, Tensor) or residual.shape != x.shape:
+            got = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__
+            raise ValueError(f"layer_norm: residual must have x's shape {tuple(x.shape)}, got {got}")
+        if residual.device != x.device:
+            raise ValueError(f"layer_norm: residual is on {residual.device} but x is on {x.device}")
+        if not residual.is_floating_point():
+            raise TypeError(f"layer_norm: residual must be a floating tensor, got dtype {residual.dtype}")
+    if not (eps >= 0.0):
+        raise ValueError(f"layer_norm: eps must be >= 0, got {eps}")
+
+
+def layer_norm(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """LayerNorm over the last dimension, optionally fused with a residual add.
+
+    Args:
+        x: ``(..., N)`` float32 / float16 / bfloat16.
+        weight: ``(N,)`` scale (any float dtype) or None.
+        bias: ``(N,)`` shift (any float dtype) or None.
+        eps: added to the variance, ``>= 0``.
+        residual: optional ``(..., N)`` tensor added to ``x`` before normalizing.
+
+    Returns:
+        Without ``residual``: ``y`` of ``x``'s shape and dtype.
+        With ``residual``: ``(y, s)`` where ``s = x + residual`` (dtype: the
+        promotion of ``x`` and ``residual``) and ``y = LN(s)`` (``x``'s dtype).
+
+    Statistics are computed in fp32 from the unrounded sum; gradients flow to
+    ``x``, ``residual``, ``weight`` and ``bias``. Runs the Triton kernels on a
+    GPU (or under ``TRITON_INTERPRET=1`` with ``TURBOTUNE_BACKEND=triton``), the
+    PyTorch reference elsewhere and for rows wider than 65,536.
+    """
+    _check(x, weight, bias, residual, eps)
+    y, s, _, _ = torch.ops.turbotune.layer_norm(x, weight, bias, residual, float(eps))
+    return y if residual is None else (y, s)

@@ -56,8 +56,8 @@ def _forward_ref(x, weight, bias, residual, eps):
     sf = x.float()
     s = x.new_empty(0)
     if residual is not None:
-        sf = sf + residual.float()
-        s = sf.to(torch.promote_types(x.dtype, residual.dtype))
+        s = (sf + residual.float()).to(torch.promote_types(x.dtype, residual.dtype))
+        sf = s.float()  # statistics of the stored sum, as the kernel and the backward see it
     mean = sf.mean(dim=-1)
     var = (sf - mean.unsqueeze(-1)).square().sum(dim=-1) / n
     rstd = torch.rsqrt(var + eps)
@@ -106,8 +106,11 @@ if HAS_TRITON:
         mask = cols < N
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
-            x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(S + row * stride_s + cols, x.to(S.dtype.element_ty), mask=mask)
+            # Normalize the stored (rounded) sum, so the statistics match what the
+            # backward recomputes from S and equal torch's unfused `LN(x + r)`.
+            x = (x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(S.dtype.element_ty)
+            tl.store(S + row * stride_s + cols, x, mask=mask)
+            x = x.to(tl.float32)
         mean = tl.sum(x, axis=0) / N
         xc = tl.where(mask, x - mean, 0.0)
         var = tl.sum(xc * xc, axis=0) / N
@@ -139,7 +142,7 @@ if HAS_TRITON:
         row_start = pid * rows_per_program
         row_end = tl.minimum(row_start + rows_per_program, M)
         for r in range(row_start, row_end):
-            row = r.to(tl.int64)
+            row = tl.cast(r, tl.int64)
             s = tl.load(S + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
             mean = tl.load(Mean + row)
@@ -386,7 +389,8 @@ def layer_norm(
         With ``residual``: ``(y, s)`` where ``s = x + residual`` (dtype: the
         promotion of ``x`` and ``residual``) and ``y = LN(s)`` (``x``'s dtype).
 
-    Statistics are computed in fp32 from the unrounded sum; gradients flow to
+    Statistics are computed in fp32 from the stored sum ``s`` (as torch's unfused
+    ``LN(x + residual)`` does); gradients flow to
     ``x``, ``residual``, ``weight`` and ``bias``. Runs the Triton kernels on a
     GPU (or under ``TRITON_INTERPRET=1`` with ``TURBOTUNE_BACKEND=triton``), the
     PyTorch reference elsewhere and for rows wider than 65,536.

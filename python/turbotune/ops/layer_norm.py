@@ -52,42 +52,45 @@ def layer_norm_ref(
 
 
 def _forward_ref(x, weight, bias, residual, eps):
+    # fp32 math through ATen's LayerNorm (vectorized on CPU): for fp32 inputs the
+    # casts are no-ops, so the CPU default costs what torch's own LayerNorm costs.
     n = x.shape[-1]
-    sf = x.float()
     s = x.new_empty(0)
+    sf = x.float()
     if residual is not None:
         s = (sf + residual.float()).to(torch.promote_types(x.dtype, residual.dtype))
         sf = s.float()  # statistics of the stored sum, as the kernel and the backward see it
-    mean = sf.mean(dim=-1)
-    var = (sf - mean.unsqueeze(-1)).square().sum(dim=-1) / n
-    rstd = torch.rsqrt(var + eps)
-    y = (sf - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-    if weight is not None:
-        y = y * weight.float()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype), s, mean, rstd
+    y, mean, rstd = torch.native_layer_norm(
+        sf, (n,), weight.float() if weight is not None else None, bias.float() if bias is not None else None, eps
+    )
+    lead = x.shape[:-1]
+    return y.to(x.dtype), s, mean.reshape(lead), rstd.reshape(lead)
 
 
 def layer_norm_backward_ref(dy, dres, s, weight, mean, rstd, has_bias: bool):
-    """Gradients ``(dx, dweight, dbias)`` of the fused op, in fp32 math.
+    """Gradients ``(ds, dweight, dbias)`` of the fused op, in fp32 math.
 
     ``s`` is the normalized input (``x`` or ``x + residual``), ``dres`` the
-    gradient flowing into the residual output (or None).
+    gradient flowing into the residual output (or None); ``mean``/``rstd`` are
+    the fp32 statistics of shape ``s.shape[:-1]``.
     """
     n = s.shape[-1]
-    xhat = (s.float() - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-    dyf = dy.float()
-    g = dyf * weight.float() if weight is not None else dyf
-    c1 = (xhat * g).sum(-1, keepdim=True) / n
-    c2 = g.sum(-1, keepdim=True) / n
-    dx = (g - xhat * c1 - c2) * rstd.unsqueeze(-1)
+    stat_shape = s.shape[:-1] + (1,)
+    wf = weight.float() if weight is not None else None
+    # ATen reads the bias only for its shape when the bias gradient is requested.
+    bias_like = mean.new_empty(n) if has_bias else None
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+        dy.float(), s.float(), (n,), mean.reshape(stat_shape), rstd.reshape(stat_shape), wf, bias_like,
+        [True, weight is not None, has_bias],
+    )
     if dres is not None:
         dx = dx + dres.float()
-    rows = dyf.reshape(-1, n)
-    dw = (rows * xhat.reshape(-1, n)).sum(0).to(weight.dtype) if weight is not None else None
-    db = rows.sum(0).to(weight.dtype if weight is not None else dy.dtype) if has_bias else None
-    return dx.to(s.dtype), dw, db
+    w_dtype = weight.dtype if weight is not None else dy.dtype
+    return (
+        dx.to(s.dtype),
+        dw.to(w_dtype) if weight is not None else None,
+        db.to(w_dtype) if has_bias else None,
+    )
 
 
 # ----------------------------------------------------------------------------- Triton kernels

@@ -242,3 +242,23 @@ def test_nn_multi_dim_normalized_shape_falls_back(device):
     mod = turbotune.nn.LayerNorm((4, 6)).to(device)
     x = torch.randn(2, 4, 6, device=device)
     assert_close(mod(x), ref(x), name="2-D normalized_shape")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles the Triton path with inductor on a GPU")
+def test_torch_compile_triton_gpu(triton_backend):
+    torch._dynamo.reset()
+    x = torch.randn(64, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn_like(x, requires_grad=True)
+    w = torch.rand(768, device="cuda", requires_grad=True)
+    b = torch.randn(768, device="cuda", requires_grad=True)
+
+    def block(x, r):
+        y, s = layer_norm(x, w, b, residual=r)
+        return (y.float() * 2).sum() + s.float().sum()
+
+    compiled = torch.compile(block, fullgraph=True)
+    loss = compiled(x, r)
+    loss.backward()
+    ref = block(x.detach().requires_grad_(), r.detach().requires_grad_())
+    assert_close(loss, ref, atol=1e-1, rtol=1e-2, name="compiled loss")

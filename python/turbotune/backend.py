@@ -211,6 +211,8 @@ def select_cached(op: str, device_type: str, dtype: torch.dtype, forced_impl: Op
     if ok:
         return Choice(NATIVE, why)
     reasons.append(why)
+    if device_type == "cpu" and dtype in spec.triton_dtypes:
+        reasons.append("Triton runs CPU tensors only when forced (TURBOTUNE_BACKEND=triton + TRITON_INTERPRET=1)")
     return Choice(REFERENCE, "PyTorch reference: " + "; ".join(dict.fromkeys(reasons)))
 
 

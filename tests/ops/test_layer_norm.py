@@ -262,3 +262,30 @@ def test_torch_compile_triton_gpu(triton_backend):
     loss.backward()
     ref = block(x.detach().requires_grad_(), r.detach().requires_grad_())
     assert_close(loss, ref, atol=1e-1, rtol=1e-2, name="compiled loss")
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPE_PARAMS)
+def test_dispatcher_path_matches_eager_path(triton_backend, device, dtype, atol, rtol):
+    """torch.ops.turbotune.layer_norm (what torch.compile sees) and the eager
+    autograd.Function give the same outputs and gradients."""
+    x, w, b, r = _inputs((4, 3, 200), dtype, device, residual=True)
+    y1, s1 = layer_norm(x, w, b, 1e-5, residual=r)
+    (y1.float().square().sum() + s1.float().sum()).backward()
+    g1 = [t.grad.clone() for t in (x, w, b, r)]
+    for t in (x, w, b, r):
+        t.grad = None
+    y2, s2, mean, rstd = torch.ops.turbotune.layer_norm(x, w, b, r, 1e-5)
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (4, 3)
+    (y2.float().square().sum() + s2.float().sum()).backward()
+    assert torch.equal(y1, y2) and torch.equal(s1, s2)
+    for name, a, t in zip("xwbr", g1, (x, w, b, r)):
+        assert_close(t.grad, a, atol=0, rtol=0, name=f"d{name}")
+
+
+def test_inference_path_without_autograd(triton_backend, device):
+    x, w, b, r = _inputs((3, 77), torch.float16, device, residual=True)
+    with torch.no_grad():
+        y, s = layer_norm(x, w, b, residual=r)
+    assert y.grad_fn is None
+    y_ref, s_ref, _ = _reference(x, w, b, 1e-5, r)
+    assert_close(y, y_ref, name="y (no_grad)")

@@ -134,20 +134,24 @@ def test_flags_and_groups_match_torch(amsgrad, maximize, weight_decay):
 
 
 @pytest.mark.parametrize("impl", ["native", "reference"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype,master_weights",
+    [(torch.float32, "auto"), (torch.float16, "auto"), (torch.bfloat16, "auto"), (torch.float16, False),
+     (torch.bfloat16, False)],
+)
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_kernel_matches_single_tensor_reference(impl, dtype, state_dtype, amsgrad):
-    """Native CPU kernel (all SIMD variants take the same path) vs the readable reference, odd sizes."""
+def test_kernel_matches_single_tensor_reference(impl, dtype, master_weights, state_dtype, amsgrad):
+    """Native CPU kernel vs the readable reference, odd sizes, with and without master weights."""
     if impl == "native" and not NATIVE_CPU:
         pytest.skip("native extension not built")
     shapes = [(1,), (7, 13), (4099,), (70001,)]  # 70001 spans several parallel chunks
-    master = dtype != torch.float32
+    master = dtype != torch.float32 and master_weights == "auto"
     params = [torch.randn(s).to(dtype) for s in shapes]
     grads = [[torch.randn(s).to(dtype) for s in shapes] for _ in range(4)]
     p_k = [p.clone().requires_grad_() for p in params]
     opt = AdamW(p_k, lr=3e-3, betas=(0.85, 0.98), eps=1e-7, weight_decay=0.05, amsgrad=amsgrad,
-                state_dtype=state_dtype, master_weights="auto")
+                state_dtype=state_dtype, master_weights=master_weights)
     ref_p = [p.clone() for p in params]
     ref_master = [p.float().clone() if master else None for p in params]
     ref_m = [torch.zeros(s, dtype=state_dtype) for s in shapes]
@@ -165,6 +169,7 @@ def test_kernel_matches_single_tensor_reference(impl, dtype, state_dtype, amsgra
     for i, p in enumerate(p_k):
         st = opt.state[p]
         assert st["exp_avg"].dtype == state_dtype
+        assert ("master_param" in st) == master
         if master:
             assert st["master_param"].dtype == torch.float32
             torch.testing.assert_close(st["master_param"], ref_master[i], rtol=2e-6, atol=1e-6)
@@ -210,8 +215,10 @@ def test_bf16_master_weights_track_fp32_far_better_than_plain_bf16():
         assert err_master < err_plain / 5, (err_master, err_plain)
 
 
-@needs_native
-def test_stochastic_rounding_unbiased_and_keeps_small_updates():
+@pytest.mark.parametrize("impl", ["native", "reference"])
+def test_stochastic_rounding_unbiased_and_keeps_small_updates(impl):
+    if impl == "native" and not NATIVE_CPU:
+        pytest.skip("native extension not built")
     torch.manual_seed(4)
     n = 200_000
     x = torch.full((n,), 1.0 + 2**-10)  # a quarter of a bf16 ulp above 1.0 (ulp = 2^-7)
@@ -226,11 +233,12 @@ def test_stochastic_rounding_unbiased_and_keeps_small_updates():
     osr = AdamW([sr], lr=2e-4, weight_decay=0.0, stochastic_rounding=True)
     orn = AdamW([rn], lr=2e-4, weight_decay=0.0, master_weights=False)
     oref = torch.optim.AdamW([ref], lr=2e-4, weight_decay=0.0, foreach=False)
-    for _ in range(20):
-        g = torch.full((50_000,), 1.0)
-        for p, o in ((sr, osr), (rn, orn), (ref, oref)):
-            p.grad = g.to(p.dtype)
-            o.step()
+    with backend.force(impl):
+        for _ in range(20):
+            g = torch.full((50_000,), 1.0)
+            for p, o in ((sr, osr), (rn, orn), (ref, oref)):
+                p.grad = g.to(p.dtype)
+                o.step()
     assert "master_param" not in osr.state[sr]
     target = ref.mean().item()  # 1 - 20 * 2e-4
     assert abs(sr.float().mean().item() - target) < 2e-4  # unbiased on average
@@ -333,3 +341,58 @@ def test_zero_grad_and_params_without_grad():
     assert torch.equal(b, b0) and b not in opt.state
     opt.zero_grad()
     assert a.grad is None
+
+
+def test_non_contiguous_param_uses_reference_path_correctly():
+    base = torch.randn(13, 7)
+    a = base.clone().t().requires_grad_()  # non-contiguous leaf
+    b = base.clone().t().contiguous().requires_grad_()
+    oa, ob = AdamW([a], lr=1e-2), torch.optim.AdamW([b], lr=1e-2, foreach=False)
+    for _ in range(3):
+        g = torch.randn(7, 13)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+SIMD_SCRIPT = r"""
+import torch
+from turbotune import _native
+from turbotune.optim import AdamW, adamw_single_tensor
+assert _native.require().adamw_cpu_simd() == "{isa}", _native.require().adamw_cpu_simd()
+torch.manual_seed(0)
+for dtype, sdt in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)]:
+    p = torch.randn(70001).to(dtype)
+    g = torch.randn(70001).to(dtype)
+    a = p.clone().requires_grad_()
+    opt = AdamW([a], lr=1e-3, amsgrad=True, state_dtype=sdt)
+    a.grad = g
+    opt.step()
+    rp, rm, rv, rvm = p.clone(), torch.zeros(70001, dtype=sdt), torch.zeros(70001, dtype=sdt), torch.zeros(70001, dtype=sdt)
+    master = p.float().clone() if dtype != torch.float32 else None
+    adamw_single_tensor(rp, g, rm, rv, rvm, master, 1.0, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                        weight_decay=1e-2, amsgrad=True, maximize=False)
+    if master is not None:
+        torch.testing.assert_close(opt.state[a]["master_param"], master, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a.detach().float(), rp.float(), rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-6)
+    torch.testing.assert_close(opt.state[a]["exp_avg_sq"].float(), rv.float(), rtol=1e-2, atol=1e-9)
+print("ok")
+"""
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_lower_simd_variants_match_reference(isa):
+    """The AVX2 and generic builds of the loop (picked at run time) compute the same update."""
+    import os
+    import subprocess
+    import sys
+
+    feats = _native.status().cpu_features
+    if isa == "avx2" and not (feats.get("avx2") and feats.get("fma")):
+        pytest.skip("CPU has no AVX2/FMA")
+    env = dict(os.environ, TURBOTUNE_CPU_SIMD=isa)
+    out = subprocess.run([sys.executable, "-c", SIMD_SCRIPT.replace("{isa}", isa)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, Iterable, List, Tuple, Union
+from typing import Dict, Iterable, List, Union
 
 import torch
 from torch import Tensor
@@ -70,21 +70,19 @@ def clip_grad_norm_(
     if not grads:
         return torch.tensor(0.0)
     devices = {g.device for g in grads}
-    fusable = (
+    device = next(iter(devices))
+    simple = (
         float(norm_type) == 2.0
         and len(devices) == 1
         and all(g.dtype in _DTYPE_CODE and g.layout == torch.strided and g.is_contiguous() for g in grads)
     )
-    device = next(iter(devices))
-    if fusable:
-        choice = backend.select(OP, device, grads[0].dtype)
-        fusable = choice.impl == backend.NATIVE
-    if not fusable:
-        if float(norm_type) == 2.0 and len(devices) == 1 and backend.select(OP, device, grads[0].dtype).impl == backend.REFERENCE:
-            total = clip_grad_norm_ref(grads, max_norm).to(device)
-            _check_finite(total, error_if_nonfinite)
-            return total
+    if not simple:  # other norms, several devices, sparse or strided gradients
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite=error_if_nonfinite)
+    impls = {backend.select(OP, device, g.dtype).impl for g in grads}
+    if impls != {backend.NATIVE}:
+        total = clip_grad_norm_ref(grads, max_norm).to(device)
+        _check_finite(total, error_if_nonfinite)
+        return total
 
     by_dtype: Dict[torch.dtype, List[Tensor]] = defaultdict(list)
     for g in grads:

@@ -22,10 +22,10 @@ constexpr int kVec = 8;            // elements per thread per iteration (16-byte
 constexpr int kMaxBlocks = 320;
 
 // Max tensors per launch for a given number of pointer lists (DEPTH), chosen so
-// that TensorListMeta stays well under 4 KB.
+// that TensorListMeta stays under the classic 4 KB kernel-parameter limit.
 template <int DEPTH>
 struct MaxTensors {
-  static constexpr int value = DEPTH <= 1 ? 96 : (DEPTH <= 2 ? 64 : (DEPTH <= 4 ? 36 : 24));
+  static constexpr int value = DEPTH <= 1 ? 64 : (DEPTH <= 2 ? 48 : (DEPTH <= 4 ? 32 : 24));
 };
 
 template <int DEPTH>
@@ -39,6 +39,9 @@ struct TensorListMeta {
   int32_t block_to_chunk[kMaxBlocks];
   int64_t first_block;  // global index (over all launches) of this launch's block 0
 };
+static_assert(sizeof(TensorListMeta<1>) <= 3900 && sizeof(TensorListMeta<2>) <= 3900 &&
+                  sizeof(TensorListMeta<4>) <= 3900 && sizeof(TensorListMeta<6>) <= 3900,
+              "launch metadata must fit the 4 KB kernel parameter space (with the scalars)");
 
 // 16-byte aligned, kVec-element fast path is allowed for this pointer?
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

@@ -286,6 +286,7 @@ class AdamW(torch.optim.Optimizer):
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
         host_found_inf: Optional[bool] = None  # read once, lazily, for CPU / reference groups
+        chosen: Dict[Tuple, str] = {}  # backend choice per (device, dtype), decided once per step
 
         for group in self.param_groups:
             _validate_group(group, check_params=False)
@@ -297,8 +298,11 @@ class AdamW(torch.optim.Optimizer):
                     raise RuntimeError("AdamW does not support sparse gradients (params: got a sparse .grad)")
                 if p.grad.is_complex():
                     raise RuntimeError("AdamW does not support complex gradients")
-                choice = backend.select(OP, p.device, p.dtype)
-                native = choice.impl == backend.NATIVE and p.is_contiguous()
+                key = (p.device, p.dtype)
+                impl_name = chosen.get(key)
+                if impl_name is None:
+                    impl_name = chosen[key] = backend.select(OP, p.device, p.dtype).impl
+                native = impl_name == backend.NATIVE and p.is_contiguous()
                 impl = "native" if native else "reference"
                 buckets[(impl, p.device, p.dtype, _uses_master(group, p))].append(p)
             for (impl, device, dtype, master), params in buckets.items():

@@ -143,6 +143,9 @@ class AdamW(torch.optim.Optimizer):
         master_weights: ``"auto"`` (default), ``True`` or ``False``. With master
             weights a 16-bit param has an fp32 copy in ``state["master_param"]``;
             updates are applied to it and the param receives its rounded value.
+            The copy is taken at the first step: if the params are changed
+            outside the optimizer later (e.g. a checkpoint is loaded into the
+            model), create a new optimizer or update ``state["master_param"]``.
         state_dtype: ``torch.float32`` or ``torch.bfloat16`` for ``exp_avg`` /
             ``exp_avg_sq`` (/ ``max_exp_avg_sq``). bf16 moments halve the state
             memory; they keep 8 mantissa bits, so the per-element step size

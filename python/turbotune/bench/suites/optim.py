@@ -13,7 +13,10 @@ Configurations (``dtype`` column):
                   bf16 moments).
 
 ``work["bytes"]`` is the memory traffic of the update (28 B/param for fp32
-and for bf16+fp32-master), so ``gb_per_s`` is the achieved bandwidth.
+and for bf16+fp32-master), so ``gb_per_s`` is the achieved bandwidth; the
+``copy (28 B/param floor)`` case moves the same bytes with a plain copy, so
+turbotune's ``gb_per_s`` over the copy's is the fraction of the bandwidth
+floor reached (the GPU goal is >= 85%).
 :func:`memory_table` gives params + grads + optimizer-state bytes per param.
 """
 from __future__ import annotations
@@ -88,6 +91,24 @@ def _lazy_step(make: Callable[[], torch.optim.Optimizer]) -> Callable[[], None]:
     return fn
 
 
+def _lazy_copy(n: int, device: torch.device) -> Callable[[], None]:
+    holder = {}
+
+    def fn():
+        bufs = holder.get("bufs")
+        if bufs is None:
+            if _Slot.current is not None:
+                _Slot.current.clear()
+                gc.collect()
+            k = 7 * n // 2  # fp32 elements in 14 B/param
+            bufs = (torch.ones(k, device=device), torch.empty(k, device=device))
+            holder["bufs"] = bufs
+            _Slot.current = holder
+        bufs[1].copy_(bufs[0])
+
+    return fn
+
+
 def _providers(dtype: str, quick: bool):
     from turbotune.optim import AdamW
 
@@ -137,6 +158,19 @@ def optim_suite(quick: bool, device: torch.device) -> Iterable[Case]:
                     fn=_lazy_step(lambda make=make, params=params: make(params())),
                     baseline=baseline,
                     work={"bytes": float(traffic)},
+                )
+            if dtype_name == "fp32":
+                # bandwidth floor: a plain copy moving the same 28 B/param (read 14, write 14)
+                yield Case(
+                    op="adamw_step",
+                    provider="copy (28 B/param floor)",
+                    mode="step",
+                    shape=f"{model} ({n / 1e6:.1f}M params, {len(shapes)} tensors)",
+                    dtype=dtype_name,
+                    device=str(device.type),
+                    fn=_lazy_copy(n, device),
+                    baseline=False,
+                    work={"bytes": float(28 * n)},
                 )
 
 

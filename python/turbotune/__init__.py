@@ -4,6 +4,7 @@ Public API (everything else is internal):
 
 - :mod:`turbotune.ops`  fused kernels (``layer_norm``, ...) as ``torch.library`` ops
 - :mod:`turbotune.nn`   drop-in modules (``LayerNorm``)
+- :mod:`turbotune.optim`  fused mixed-precision ``AdamW`` and ``clip_grad_norm_``
 - :mod:`turbotune.backend`  which implementation runs where, ``TURBOTUNE_BACKEND``
 - :mod:`turbotune.bench`    the benchmark harness behind ``turbotune bench``
 """
@@ -11,6 +12,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import backend, nn, ops  # noqa: E402
+from . import backend, nn, ops, optim  # noqa: E402
 
-__all__ = ["__version__", "backend", "ops", "nn"]
+__all__ = ["__version__", "backend", "ops", "nn", "optim"]

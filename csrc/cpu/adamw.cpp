@@ -1,0 +1,493 @@
+// CPU AdamW and multi-tensor clipping kernels (see adamw.h).
+//
+// Structure:
+//   * storage types (fp32 / fp16 / bf16) with branch-free conversions so the
+//     per-element loop vectorises;
+//   * one templated element loop per (param, state, master, amsgrad, stochastic
+//     rounding) combination, compiled three times — AVX-512, AVX2+FMA+F16C and
+//     generic x86-64 — through target attributes, picked once at run time;
+//   * the multi-tensor driver: every tensor is cut into fixed-size chunks and
+//     all chunks of all tensors are shared by one OpenMP parallel loop, so many
+//     small tensors cost one parallel region, not one each.
+//
+// The update follows torch.optim.AdamW (single-tensor path) operation by
+// operation, in fp32, with fused multiply-adds exactly where ATen's CPU
+// kernels use them (lerp and addcmul) and nowhere else (the file is compiled
+// with -ffp-contract=off), so fp32 results match torch bit for bit or within
+// an ulp:
+//   p   = p * (1 - lr * wd)
+//   m   = fma(1 - b1, g - m, m)                       (lerp)
+//   v   = fma((1 - b2) * g, g, v * b2)                (addcmul)
+//   vm  = max(vmax, v)                                (amsgrad)
+//   den = sqrt(v or vm) / sqrt(1 - b2^t) + eps
+//   p   = p + (-lr / (1 - b1^t)) * m / den
+#include "cpu/adamw.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef TURBOTUNE_WITH_OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__GNUC__)
+#define TT_INLINE inline __attribute__((always_inline))
+#else
+#define TT_INLINE inline
+#endif
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define TT_X86 1
+#define TT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
+#define TT_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace turbotune {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 32768;            // elements per parallel work item
+constexpr int64_t kSerialBelow = 1 << 16;    // total elements below which one thread does it all
+
+TT_INLINE uint32_t f2u(float f) { return __builtin_bit_cast(uint32_t, f); }
+TT_INLINE float u2f(uint32_t u) { return __builtin_bit_cast(float, u); }
+
+// ------------------------------------------------------------------ storage types
+
+struct F32 {
+  using T = float;
+  static TT_INLINE float load(T x) { return x; }
+  static TT_INLINE T store(float x) { return x; }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  static TT_INLINE float load(T x) { return u2f(uint32_t(x) << 16); }
+  // Round to nearest even; NaN stays a (quiet) NaN.
+  static TT_INLINE T store(float f) {
+    uint32_t u = f2u(f);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = (u >> 16) | 0x40u;
+    return T((u & 0x7FFFFFFFu) > 0x7F800000u ? nan : r);
+  }
+  // Stochastic rounding: add 16 random bits below the kept mantissa, truncate.
+  // Unbiased: E[round(x)] = x. Inf stays inf, NaN stays NaN.
+  static TT_INLINE T store_stochastic(float f, uint32_t rnd) {
+    uint32_t u = f2u(f);
+    uint32_t r = (u + (rnd & 0xFFFFu)) >> 16;
+    uint32_t nan = (u >> 16) | 0x40u;
+    return T((u & 0x7FFFFFFFu) > 0x7F800000u ? nan : r);
+  }
+};
+
+struct F16 {
+  using T = uint16_t;
+  // Branch-free half -> float (exact for normals, subnormals, inf and NaN).
+  static TT_INLINE float load(T h) {
+    uint32_t sign = (uint32_t(h) & 0x8000u) << 16;
+    uint32_t em = uint32_t(h) & 0x7FFFu;
+    float mag = u2f(em << 13) * 0x1p112f;  // rebias exponent (also scales subnormals)
+    uint32_t bits = f2u(mag);
+    bits = em >= 0x7C00u ? (bits | 0x7F800000u) : bits;  // inf / NaN
+    return u2f(bits | sign);
+  }
+  // float -> half, round to nearest even, overflow to inf, NaN to quiet NaN.
+  static TT_INLINE T store(float f) {
+    uint32_t u = f2u(f);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    u &= 0x7FFFFFFFu;
+    // normal range
+    uint32_t mant_odd = (u >> 13) & 1u;
+    uint32_t normal = (u + (uint32_t(15 - 127) << 23) + 0xFFFu + mant_odd) >> 13;
+    // subnormal range: let the FPU round by adding a magic number
+    const uint32_t denorm_magic = uint32_t((127 - 15) + (23 - 10) + 1) << 23;
+    uint32_t sub = f2u(u2f(u) + u2f(denorm_magic)) - denorm_magic;
+    uint32_t out = u < (113u << 23) ? sub : normal;
+    out = u >= (143u << 23) ? (u > 0x7F800000u ? 0x7E00u : 0x7C00u) : out;
+    return T(out | sign);
+  }
+};
+
+// Counter-based hash (lowbias32): 32-bit integer ops only, so it vectorises.
+TT_INLINE uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// ------------------------------------------------------------------ AdamW element loop
+
+struct Coef {
+  float gmul;      // +-1/grad_scale (negative when maximizing)
+  float decay;     // 1 - lr * wd
+  float w1;        // 1 - beta1
+  float beta2;
+  float w2;        // 1 - beta2
+  float bc2_sqrt;  // sqrt(1 - beta2^t)
+  float eps;
+  float neg_step;  // -lr / (1 - beta1^t)
+  uint32_t seed;   // per tensor, stochastic rounding only
+};
+
+struct Slice {
+  void* p;
+  const void* g;
+  void* m;
+  void* v;
+  void* vmax;
+  float* master;
+  int64_t begin;
+  int64_t len;
+  Coef c;
+};
+
+template <typename P, typename S, bool kMaster, bool kAms, bool kSR>
+TT_INLINE void adamw_body(const Slice& s) {
+  using PT = typename P::T;
+  using ST = typename S::T;
+  PT* __restrict p = static_cast<PT*>(s.p) + s.begin;
+  const PT* __restrict g = static_cast<const PT*>(s.g) + s.begin;
+  ST* __restrict m = static_cast<ST*>(s.m) + s.begin;
+  ST* __restrict v = static_cast<ST*>(s.v) + s.begin;
+  ST* __restrict vmax = kAms ? static_cast<ST*>(s.vmax) + s.begin : nullptr;
+  float* __restrict master = kMaster ? s.master + s.begin : nullptr;
+  const Coef c = s.c;
+  const uint32_t base = uint32_t(s.begin);
+  const int64_t n = s.len;
+  for (int64_t i = 0; i < n; ++i) {
+    const float grad = P::load(g[i]) * c.gmul;
+    float param = kMaster ? master[i] : P::load(p[i]);
+    param = param * c.decay;
+    float mi = S::load(m[i]);
+    mi = __builtin_fmaf(c.w1, grad - mi, mi);
+    float vi = S::load(v[i]) * c.beta2;
+    vi = __builtin_fmaf(c.w2 * grad, grad, vi);
+    const ST m_st = S::store(mi);
+    const ST v_st = S::store(vi);
+    m[i] = m_st;
+    v[i] = v_st;
+    float vhat = S::load(v_st);
+    if (kAms) {
+      const float vm = S::load(vmax[i]);
+      vhat = vm > vhat ? vm : vhat;
+      vmax[i] = S::store(vhat);
+    }
+    const float denom = std::sqrt(vhat) / c.bc2_sqrt + c.eps;
+    param = param + c.neg_step * S::load(m_st) / denom;
+    if (kMaster) {
+      master[i] = param;
+      p[i] = P::store(param);
+    } else if (kSR) {
+      p[i] = BF16::store_stochastic(param, hash32((base + uint32_t(i)) ^ c.seed));
+    } else {
+      p[i] = P::store(param);
+    }
+  }
+}
+
+using SliceFn = void (*)(const Slice&);
+
+template <typename P, typename S, bool kMaster, bool kAms, bool kSR>
+void adamw_generic(const Slice& s) {
+  adamw_body<P, S, kMaster, kAms, kSR>(s);
+}
+#ifdef TT_X86
+template <typename P, typename S, bool kMaster, bool kAms, bool kSR>
+TT_TARGET_AVX2 void adamw_avx2(const Slice& s) {
+  adamw_body<P, S, kMaster, kAms, kSR>(s);
+}
+template <typename P, typename S, bool kMaster, bool kAms, bool kSR>
+TT_TARGET_AVX512 void adamw_avx512(const Slice& s) {
+  adamw_body<P, S, kMaster, kAms, kSR>(s);
+}
+#endif
+
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+// TURBOTUNE_CPU_SIMD=generic|avx2|avx512 caps the variant (tests, bug reports).
+Isa detect_isa() {
+  Isa cap = Isa::kAvx512;
+  if (const char* env = std::getenv("TURBOTUNE_CPU_SIMD")) {
+    const std::string v(env);
+    if (v == "generic") cap = Isa::kGeneric;
+    else if (v == "avx2") cap = Isa::kAvx2;
+  }
+  Isa best = Isa::kGeneric;
+#ifdef TT_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    best = Isa::kAvx512;
+  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    best = Isa::kAvx2;
+#endif
+  return static_cast<int>(best) < static_cast<int>(cap) ? best : cap;
+}
+
+Isa isa() {
+  static const Isa v = detect_isa();
+  return v;
+}
+
+template <typename P, typename S, bool kMaster, bool kAms, bool kSR>
+SliceFn pick_isa() {
+#ifdef TT_X86
+  switch (isa()) {
+    case Isa::kAvx512:
+      return &adamw_avx512<P, S, kMaster, kAms, kSR>;
+    case Isa::kAvx2:
+      return &adamw_avx2<P, S, kMaster, kAms, kSR>;
+    default:
+      break;
+  }
+#endif
+  return &adamw_generic<P, S, kMaster, kAms, kSR>;
+}
+
+template <typename P, typename S, bool kMaster>
+SliceFn pick_flags(bool ams, bool sr) {
+  if (sr) {
+    if constexpr (std::is_same<P, BF16>::value && !kMaster) {
+      return ams ? pick_isa<P, S, false, true, true>() : pick_isa<P, S, false, false, true>();
+    } else {
+      throw std::invalid_argument("stochastic_rounding needs bf16 params without master weights");
+    }
+  }
+  return ams ? pick_isa<P, S, kMaster, true, false>() : pick_isa<P, S, kMaster, false, false>();
+}
+
+template <typename P, typename S>
+SliceFn pick_master(bool master, bool ams, bool sr) {
+  if (master) {
+    if constexpr (std::is_same<P, F32>::value) {
+      throw std::invalid_argument("master weights are only kept for fp16/bf16 params");
+    } else {
+      return pick_flags<P, S, true>(ams, sr);
+    }
+  }
+  return pick_flags<P, S, false>(ams, sr);
+}
+
+template <typename P>
+SliceFn pick_state(DType state, bool master, bool ams, bool sr) {
+  switch (state) {
+    case kFloat32:
+      return pick_master<P, F32>(master, ams, sr);
+    case kBFloat16:
+      return pick_master<P, BF16>(master, ams, sr);
+    default:
+      throw std::invalid_argument("state dtype must be float32 or bfloat16, got code " + std::to_string(state));
+  }
+}
+
+SliceFn pick(DType param, DType state, bool master, bool ams, bool sr) {
+  switch (param) {
+    case kFloat32:
+      return pick_state<F32>(state, master, ams, sr);
+    case kFloat16:
+      return pick_state<F16>(state, master, ams, sr);
+    case kBFloat16:
+      return pick_state<BF16>(state, master, ams, sr);
+    default:
+      throw std::invalid_argument("param dtype must be float32, float16 or bfloat16, got code " +
+                                  std::to_string(param));
+  }
+}
+
+// ------------------------------------------------------------------ multi-tensor driver
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t len;
+};
+
+std::vector<Chunk> make_chunks(int64_t n, const int64_t* numel, int64_t* total_out) {
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    if (numel[t] < 0) throw std::invalid_argument("negative numel for tensor " + std::to_string(t));
+    total += numel[t];
+    for (int64_t b = 0; b < numel[t]; b += kChunk) chunks.push_back({t, b, std::min(kChunk, numel[t] - b)});
+  }
+  *total_out = total;
+  return chunks;
+}
+
+template <typename F>
+void parallel_chunks(const std::vector<Chunk>& chunks, int64_t total, F&& f) {
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+#ifdef TURBOTUNE_WITH_OPENMP
+  if (total >= kSerialBelow && nc > 1) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < nc; ++i) f(chunks[i]);
+    return;
+  }
+#endif
+  (void)total;
+  for (int64_t i = 0; i < nc; ++i) f(chunks[i]);
+}
+
+size_t elem_size(DType d) { return d == kFloat32 ? 4 : 2; }
+
+}  // namespace
+
+// ------------------------------------------------------------------ public API
+
+void adamw_step(const AdamWTensorList& t, DType param_dtype, DType state_dtype, const AdamWHyper& h) {
+  const bool master = t.master != nullptr;
+  if (h.amsgrad && t.max_exp_avg_sq == nullptr) throw std::invalid_argument("amsgrad needs max_exp_avg_sq pointers");
+  SliceFn fn = pick(param_dtype, state_dtype, master, h.amsgrad, h.stochastic_rounding);
+  if (t.n == 0) return;
+
+  // Per-tensor coefficients, computed in double exactly as torch does in Python.
+  std::vector<Coef> coef(static_cast<size_t>(t.n));
+  for (int64_t i = 0; i < t.n; ++i) {
+    const double step = t.step[i];
+    if (!(step >= 1.0)) throw std::invalid_argument("step must be >= 1 for tensor " + std::to_string(i));
+    const double bc1 = 1.0 - std::pow(h.beta1, step);
+    const double bc2 = 1.0 - std::pow(h.beta2, step);
+    Coef& c = coef[i];
+    c.gmul = static_cast<float>(h.maximize ? -h.grad_multiplier : h.grad_multiplier);
+    c.decay = static_cast<float>(1.0 - h.lr * h.weight_decay);
+    c.w1 = static_cast<float>(1.0 - h.beta1);
+    c.beta2 = static_cast<float>(h.beta2);
+    c.w2 = static_cast<float>(1.0 - h.beta2);
+    c.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+    c.eps = static_cast<float>(h.eps);
+    c.neg_step = static_cast<float>(-(h.lr / bc1));
+    uint64_t s = h.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(i) * 0xBF58476D1CE4E5B9ull;
+    c.seed = hash32(static_cast<uint32_t>(s ^ (s >> 32)));
+  }
+  int64_t total = 0;
+  std::vector<Chunk> chunks = make_chunks(t.n, t.numel, &total);
+  parallel_chunks(chunks, total, [&](const Chunk& ch) {
+    const int64_t i = ch.tensor;
+    Slice s{t.params[i],
+            t.grads[i],
+            t.exp_avg[i],
+            t.exp_avg_sq[i],
+            h.amsgrad ? t.max_exp_avg_sq[i] : nullptr,
+            master ? t.master[i] : nullptr,
+            ch.begin,
+            ch.len,
+            coef[i]};
+    fn(s);
+  });
+}
+
+namespace {
+
+template <typename D>
+TT_INLINE float sumsq_body(const typename D::T* __restrict x, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const float f = D::load(x[i]);
+    acc += f * f;
+  }
+  return acc;
+}
+
+template <typename D>
+TT_INLINE void scale_body(typename D::T* __restrict x, int64_t n, float factor) {
+  for (int64_t i = 0; i < n; ++i) x[i] = D::store(D::load(x[i]) * factor);
+}
+
+template <typename D>
+float sumsq_generic(const void* x, int64_t n) { return sumsq_body<D>(static_cast<const typename D::T*>(x), n); }
+template <typename D>
+void scale_generic(void* x, int64_t n, float f) { scale_body<D>(static_cast<typename D::T*>(x), n, f); }
+#ifdef TT_X86
+template <typename D>
+TT_TARGET_AVX2 float sumsq_avx2(const void* x, int64_t n) { return sumsq_body<D>(static_cast<const typename D::T*>(x), n); }
+template <typename D>
+TT_TARGET_AVX2 void scale_avx2(void* x, int64_t n, float f) { scale_body<D>(static_cast<typename D::T*>(x), n, f); }
+template <typename D>
+TT_TARGET_AVX512 float sumsq_avx512(const void* x, int64_t n) { return sumsq_body<D>(static_cast<const typename D::T*>(x), n); }
+template <typename D>
+TT_TARGET_AVX512 void scale_avx512(void* x, int64_t n, float f) { scale_body<D>(static_cast<typename D::T*>(x), n, f); }
+#endif
+
+using SumFn = float (*)(const void*, int64_t);
+using ScaleFn = void (*)(void*, int64_t, float);
+
+template <typename D>
+void pick_norm_fns(SumFn* sum, ScaleFn* scale) {
+  *sum = &sumsq_generic<D>;
+  *scale = &scale_generic<D>;
+#ifdef TT_X86
+  if (isa() == Isa::kAvx512) {
+    *sum = &sumsq_avx512<D>;
+    *scale = &scale_avx512<D>;
+  } else if (isa() == Isa::kAvx2) {
+    *sum = &sumsq_avx2<D>;
+    *scale = &scale_avx2<D>;
+  }
+#endif
+}
+
+void norm_fns(DType d, SumFn* sum, ScaleFn* scale) {
+  switch (d) {
+    case kFloat32:
+      return pick_norm_fns<F32>(sum, scale);
+    case kFloat16:
+      return pick_norm_fns<F16>(sum, scale);
+    case kBFloat16:
+      return pick_norm_fns<BF16>(sum, scale);
+    default:
+      throw std::invalid_argument("dtype must be float32, float16 or bfloat16, got code " + std::to_string(d));
+  }
+}
+
+}  // namespace
+
+double sum_of_squares(int64_t n, const void* const* ptrs, const int64_t* numel, DType dtype) {
+  SumFn sum;
+  ScaleFn scale;
+  norm_fns(dtype, &sum, &scale);
+  int64_t total = 0;
+  std::vector<Chunk> chunks = make_chunks(n, numel, &total);
+  std::vector<double> partial(chunks.size());
+  const size_t es = elem_size(dtype);
+  parallel_chunks(chunks, total, [&](const Chunk& ch) {
+    const char* base = static_cast<const char*>(ptrs[ch.tensor]) + ch.begin * es;
+    partial[&ch - chunks.data()] = sum(base, ch.len);
+  });
+  double acc = 0.0;  // fixed order: the result does not depend on the thread count
+  for (double p : partial) acc += p;
+  return acc;
+}
+
+void scale_inplace(int64_t n, void* const* ptrs, const int64_t* numel, DType dtype, float factor) {
+  SumFn sum;
+  ScaleFn scale;
+  norm_fns(dtype, &sum, &scale);
+  int64_t total = 0;
+  std::vector<Chunk> chunks = make_chunks(n, numel, &total);
+  const size_t es = elem_size(dtype);
+  parallel_chunks(chunks, total, [&](const Chunk& ch) {
+    scale(static_cast<char*>(ptrs[ch.tensor]) + ch.begin * es, ch.len, factor);
+  });
+}
+
+const char* simd_variant() {
+  switch (isa()) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "generic";
+  }
+}
+
+}  // namespace cpu
+}  // namespace turbotune

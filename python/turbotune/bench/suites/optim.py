@@ -1,0 +1,201 @@
+"""Benchmark suite ``optim``: one AdamW step over realistic BERT-family parameter sets.
+
+Tensor-size mixes are those of all-MiniLM-L6-v2 (~22.7M params, 6 layers,
+hidden 384) and BERT-base (~109.5M params, 12 layers, hidden 768). Gradients
+are fixed random tensors; each case times ``optimizer.step()`` alone.
+
+Configurations (``dtype`` column):
+
+``fp32``          fp32 params: torch fused (baseline), torch foreach, torch
+                  for-loop (full mode only), turbotune.
+``bf16+master``   bf16 params: torch fused on bf16 params (baseline; it keeps
+                  no fp32 copy), turbotune with fp32 master weights (fp32 and
+                  bf16 moments).
+
+``work["bytes"]`` is the memory traffic of the update (28 B/param for fp32
+and for bf16+fp32-master), so ``gb_per_s`` is the achieved bandwidth; the
+``copy (28 B/param floor)`` case moves the same bytes with a plain copy, so
+turbotune's ``gb_per_s`` over the copy's is the fraction of the bandwidth
+floor reached (the GPU goal is >= 85%).
+:func:`memory_table` gives params + grads + optimizer-state bytes per param.
+"""
+from __future__ import annotations
+
+import gc
+from typing import Callable, Dict, Iterable, List, Tuple
+
+import torch
+
+from .. import Case, register_suite
+
+
+def bert_shapes(layers: int, hidden: int, inter: int, vocab: int = 30522, positions: int = 512) -> List[Tuple[int, ...]]:
+    """Parameter shapes of a HF ``BertModel`` (embeddings, encoder layers, pooler)."""
+    shapes: List[Tuple[int, ...]] = [(vocab, hidden), (positions, hidden), (2, hidden), (hidden,), (hidden,)]
+    for _ in range(layers):
+        for _ in range(4):  # query, key, value, attention output
+            shapes += [(hidden, hidden), (hidden,)]
+        shapes += [(hidden,), (hidden,)]  # attention LayerNorm
+        shapes += [(inter, hidden), (inter,), (hidden, inter), (hidden,)]
+        shapes += [(hidden,), (hidden,)]  # output LayerNorm
+    shapes += [(hidden, hidden), (hidden,)]  # pooler
+    return shapes
+
+
+MODELS: Dict[str, List[Tuple[int, ...]]] = {
+    "minilm-22M": bert_shapes(6, 384, 1536),
+    "bert-base-110M": bert_shapes(12, 768, 3072),
+}
+
+
+def numel(shapes) -> int:
+    n = 0
+    for s in shapes:
+        k = 1
+        for d in s:
+            k *= d
+        n += k
+    return n
+
+
+class _Slot:
+    """Only one optimizer (and its state) alive at a time: BERT-base state is ~0.9 GB each."""
+
+    current = None
+
+
+def _params(shapes, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ps = []
+    for s in shapes:
+        p = torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(device=device, dtype=dtype))
+        p.grad = (torch.randn(s, generator=g) * 1e-3).to(device=device, dtype=dtype)
+        ps.append(p)
+    return ps
+
+
+def _lazy_step(make: Callable[[], torch.optim.Optimizer]) -> Callable[[], None]:
+    holder = {}
+
+    def fn():
+        opt = holder.get("opt")
+        if opt is None:
+            if _Slot.current is not None:
+                _Slot.current.clear()
+                gc.collect()
+            opt = make()
+            holder["opt"] = opt
+            _Slot.current = holder
+        opt.step()
+
+    return fn
+
+
+def _lazy_copy(n: int, device: torch.device) -> Callable[[], None]:
+    holder = {}
+
+    def fn():
+        bufs = holder.get("bufs")
+        if bufs is None:
+            if _Slot.current is not None:
+                _Slot.current.clear()
+                gc.collect()
+            k = 7 * n // 2  # fp32 elements in 14 B/param
+            bufs = (torch.ones(k, device=device), torch.empty(k, device=device))
+            holder["bufs"] = bufs
+            _Slot.current = holder
+        bufs[1].copy_(bufs[0])
+
+    return fn
+
+
+def _providers(dtype: str, quick: bool):
+    from turbotune.optim import AdamW
+
+    if dtype == "fp32":
+        out = [
+            ("torch-fused", True, lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)),
+            ("torch-foreach", False, lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True)),
+            ("turbotune", False, lambda ps: AdamW(ps, lr=1e-4)),
+        ]
+        if not quick:
+            out.insert(2, ("torch-forloop", False, lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=False)))
+        return out
+    return [
+        ("torch-fused(no master)", True, lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)),
+        ("turbotune", False, lambda ps: AdamW(ps, lr=1e-4, master_weights=True)),
+        ("turbotune(bf16 state)", False, lambda ps: AdamW(ps, lr=1e-4, master_weights=True, state_dtype=torch.bfloat16)),
+    ]
+
+
+@register_suite("optim")
+def optim_suite(quick: bool, device: torch.device) -> Iterable[Case]:
+    models = ["minilm-22M"] if quick else list(MODELS)
+    for model in models:
+        shapes = MODELS[model]
+        n = numel(shapes)
+        for dtype_name, dtype in (("fp32", torch.float32), ("bf16+master", torch.bfloat16)):
+            shared = {}
+
+            def params(shapes=shapes, dtype=dtype, shared=shared):
+                if "ps" not in shared:
+                    shared["ps"] = _params(shapes, dtype, device)
+                return shared["ps"]
+
+            for name, baseline, make in _providers(dtype_name, quick):
+                traffic = 28 * n
+                if name == "torch-fused(no master)":
+                    traffic = (2 * 2 + 2 + 2 * 2 * 2) * n  # bf16: p r/w, g r, m and v r/w
+                elif name == "turbotune(bf16 state)":
+                    traffic = (2 + 2 + 4 * 2 + 2 * 2 * 2) * n  # p w, g r, master r/w, bf16 m and v r/w
+                yield Case(
+                    op="adamw_step",
+                    provider=name,
+                    mode="step",
+                    shape=f"{model} ({n / 1e6:.1f}M params, {len(shapes)} tensors)",
+                    dtype=dtype_name,
+                    device=str(device.type),
+                    fn=_lazy_step(lambda make=make, params=params: make(params())),
+                    baseline=baseline,
+                    work={"bytes": float(traffic)},
+                )
+            if dtype_name == "fp32":
+                # bandwidth floor: a plain copy moving the same 28 B/param (read 14, write 14)
+                yield Case(
+                    op="adamw_step",
+                    provider="copy (28 B/param floor)",
+                    mode="step",
+                    shape=f"{model} ({n / 1e6:.1f}M params, {len(shapes)} tensors)",
+                    dtype=dtype_name,
+                    device=str(device.type),
+                    fn=_lazy_copy(n, device),
+                    baseline=False,
+                    work={"bytes": float(28 * n)},
+                )
+
+
+def memory_table(n_params: int = 1000) -> List[dict]:
+    """Bytes per parameter of params + grads + optimizer state, measured on real optimizer state."""
+    from turbotune.optim import AdamW
+
+    rows = []
+    configs = [
+        ("fp32 params, torch AdamW (fused)", torch.float32, lambda ps: torch.optim.AdamW(ps, fused=True)),
+        ("fp32 params, turbotune AdamW", torch.float32, lambda ps: AdamW(ps)),
+        ("bf16 params, torch AdamW (no master copy)", torch.bfloat16, lambda ps: torch.optim.AdamW(ps, fused=True)),
+        ("bf16 params, turbotune fp32 master + fp32 state", torch.bfloat16, lambda ps: AdamW(ps)),
+        ("bf16 params, turbotune fp32 master + bf16 state", torch.bfloat16,
+         lambda ps: AdamW(ps, state_dtype=torch.bfloat16)),
+        ("bf16 params, turbotune bf16 state + stochastic rounding", torch.bfloat16,
+         lambda ps: AdamW(ps, state_dtype=torch.bfloat16, stochastic_rounding=True)),
+    ]
+    for label, dtype, make in configs:
+        ps = _params([(n_params,)], dtype, torch.device("cpu"))
+        opt = make(ps)
+        opt.step()
+        state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                    if torch.is_tensor(t) and t.numel() == n_params)
+        pg = sum(p.numel() * p.element_size() * 2 for p in ps)
+        rows.append(dict(config=label, params_grads=pg / n_params, state=state / n_params,
+                         total=(pg + state) / n_params))
+    return rows

@@ -1,0 +1,425 @@
+"""``turbotune.optim.AdamW``: a drop-in ``torch.optim.AdamW`` with fused mixed precision.
+
+One class, variants by flags:
+
+``master_weights``      for bf16/fp16 params keep an fp32 copy in the optimizer
+                        state; the kernel updates it and writes the rounded param
+                        in the same pass ("auto" = on for 16-bit params, except
+                        bf16 params with ``stochastic_rounding=True``).
+``state_dtype``         ``torch.float32`` (default) or ``torch.bfloat16`` moments.
+``stochastic_rounding`` bf16 params without master weights are rounded
+                        stochastically (unbiased), so updates smaller than
+                        half a bf16 ulp are not lost on average.
+
+Dispatch (``turbotune info`` shows it as op ``adamw``): params are grouped per
+param group by (device, param dtype, state dtype, master weights); each group is
+one call of the native multi-tensor kernel — C++/OpenMP on CPU, CUDA C++ on the
+current stream on GPU — or the readable single-tensor reference
+(:mod:`turbotune.optim._reference`) where no kernel can run.
+
+GradScaler: the class sets ``_step_supports_amp_scaling``; ``GradScaler.step``
+then hands the optimizer ``grad_scale`` / ``found_inf`` tensors instead of
+unscaling itself. On CUDA both stay on the device: the kernel divides by the
+scale and skips the update when ``found_inf != 0`` with no host
+synchronisation. On CPU they are read on the host.
+
+Memory per parameter (params + grads + optimizer state), AdamW without amsgrad:
+
+==========================================  =======
+fp32 params, fp32 state                      16 B
+bf16 params, fp32 master + fp32 state        16 B
+bf16 params, fp32 master + bf16 state        12 B
+bf16 params, bf16 state, stochastic rounding  8 B
+==========================================  =======
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import _native, backend
+from ._reference import adamw_single_tensor
+
+OP = "adamw"
+backend.register_op(
+    OP,
+    native_cpu_dtypes=backend.FLOATS,
+    native_cuda_dtypes=backend.FLOATS,
+    summary="fused multi-tensor AdamW (fp32 master weights, bf16 state, stochastic rounding, GradScaler)",
+)
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_STATE_DTYPES = (torch.float32, torch.bfloat16)
+_MASTER = "master_param"
+_OWN_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", _MASTER)
+
+
+def _check_float(name: str, value: Any) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: expected a number or a one-element tensor, got shape {tuple(value.shape)}")
+        value = float(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return float(value)
+
+
+def _validate_group(g: Dict[str, Any], check_params: bool = True) -> None:
+    lr = _check_float("lr", g["lr"])
+    if lr < 0:
+        raise ValueError(f"lr: expected lr >= 0, got {lr}")
+    eps = _check_float("eps", g["eps"])
+    if eps < 0:
+        raise ValueError(f"eps: expected eps >= 0, got {eps}")
+    wd = _check_float("weight_decay", g["weight_decay"])
+    if wd < 0:
+        raise ValueError(f"weight_decay: expected weight_decay >= 0, got {wd}")
+    betas = g["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        b = _check_float(f"betas[{i}]", b)
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"betas[{i}]: expected a value in [0, 1), got {b}")
+    mw = g["master_weights"]
+    if not (mw == "auto" or isinstance(mw, bool)):
+        raise ValueError(f"master_weights: expected 'auto', True or False, got {mw!r}")
+    if g["state_dtype"] not in _STATE_DTYPES:
+        raise ValueError(f"state_dtype: expected torch.float32 or torch.bfloat16, got {g['state_dtype']}")
+    if not isinstance(g["stochastic_rounding"], bool):
+        raise TypeError(f"stochastic_rounding: expected a bool, got {g['stochastic_rounding']!r}")
+    if g["stochastic_rounding"] and mw is True:
+        raise ValueError(
+            "stochastic_rounding: rounds bf16 params that have no master copy; it cannot be combined with "
+            "master_weights=True (use master_weights='auto' or False)"
+        )
+    if g.get("capturable", False):
+        raise ValueError("capturable: turbotune.optim.AdamW does not support capturable=True")
+    if g.get("differentiable", False):
+        raise ValueError("differentiable: turbotune.optim.AdamW does not support differentiable=True")
+    for p in g["params"] if check_params else ():
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params: expected tensors, got {type(p).__name__}")
+        if p.is_sparse:
+            raise ValueError("params: sparse parameters are not supported by AdamW")
+        if p.is_complex():
+            raise ValueError(f"params: complex parameters are not supported (got a {p.dtype} parameter)")
+        if p.dtype not in _DTYPE_CODE:
+            raise ValueError(f"params: expected float32, float16 or bfloat16 parameters, got {p.dtype}")
+
+
+def _uses_master(group: Dict[str, Any], p: Tensor) -> bool:
+    if p.dtype == torch.float32:
+        return False
+    mw = group["master_weights"]
+    if mw == "auto":
+        return not (group["stochastic_rounding"] and p.dtype == torch.bfloat16)
+    return bool(mw)
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, Loshchilov & Hutter) with fused mixed-precision kernels.
+
+    Drop-in for :class:`torch.optim.AdamW`: same update, param groups with their
+    own hyper-parameters, LR schedulers, ``zero_grad``, ``state_dict`` /
+    ``load_state_dict`` (with master weights off and fp32 state the state dict
+    has exactly torch's layout and loads into ``torch.optim.AdamW`` and back).
+
+    Args:
+        params: iterable of tensors (fp32 / fp16 / bf16, dense, real) or dicts
+            defining param groups.
+        lr: learning rate (>= 0; a float or a one-element tensor).
+        betas: ``(beta1, beta2)``, each in ``[0, 1)``.
+        eps: added to the denominator (>= 0).
+        weight_decay: decoupled weight decay coefficient (>= 0).
+        amsgrad: keep the running maximum of the second moment.
+        maximize: maximize the objective instead of minimizing.
+        master_weights: ``"auto"`` (default), ``True`` or ``False``. With master
+            weights a 16-bit param has an fp32 copy in ``state["master_param"]``;
+            updates are applied to it and the param receives its rounded value.
+            The copy is taken at the first step: if the params are changed
+            outside the optimizer later (e.g. a checkpoint is loaded into the
+            model), create a new optimizer or update ``state["master_param"]``.
+        state_dtype: ``torch.float32`` or ``torch.bfloat16`` for ``exp_avg`` /
+            ``exp_avg_sq`` (/ ``max_exp_avg_sq``). bf16 moments halve the state
+            memory; they keep 8 mantissa bits, so the per-element step size
+            carries ~0.4% relative rounding noise and tiny second moments
+            lose precision — fine for fine-tuning, measurably noisier than fp32
+            for long pre-training runs.
+        stochastic_rounding: for bf16 params without master weights, round each
+            new param value stochastically (unbiased) instead of to nearest.
+        foreach, fused: accepted for compatibility with ``torch.optim.AdamW`` and
+            ignored (the update is always fused).
+        capturable, differentiable: must be False.
+
+    ``step()`` never synchronises a CUDA device with the host (unless the
+    reference fallback runs, or ``lr`` is a CUDA tensor).
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[Union[Tensor, Dict[str, Any]]],
+        lr: Union[float, Tensor] = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        master_weights: Union[str, bool] = "auto",
+        state_dtype: torch.dtype = torch.float32,
+        stochastic_rounding: bool = False,
+        *,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+        )
+        _validate_group(dict(defaults, params=[]))
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _validate_group(self.param_groups[-1])
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # state dicts saved by torch.optim.AdamW lack turbotune's keys: use this optimizer's defaults
+        defaults = getattr(self, "defaults", {})
+        for group in self.param_groups:
+            for key in ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused"):
+                group.setdefault(key, defaults.get(key, False if key in ("amsgrad", "maximize") else None))
+            group.setdefault("decoupled_weight_decay", True)
+            for key in ("master_weights", "state_dtype", "stochastic_rounding"):
+                group.setdefault(key, defaults.get(key, {"master_weights": "auto", "state_dtype": torch.float32,
+                                                         "stochastic_rounding": False}[key]))
+
+    # ------------------------------------------------------------------ state dict
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state dict of this class or of ``torch.optim.AdamW``.
+
+        torch's loader casts every floating state tensor to its param's dtype;
+        moments and master weights are set aside first and restored in the
+        dtype this optimizer keeps them in (master weights stay fp32).
+        """
+        state_dict = dict(state_dict)
+        held: Dict[Any, Dict[str, Tensor]] = {}
+        stripped = {}
+        for key, st in state_dict["state"].items():
+            st = dict(st)
+            held[key] = {k: st.pop(k) for k in _OWN_STATE if k in st}
+            stripped[key] = st
+        state_dict["state"] = stripped
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(saved_ids, params))
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for key, tensors in held.items():
+            p = by_id.get(key)
+            if p is None:
+                continue
+            group = group_of[id(p)]
+            st = self.state[p]
+            for name, value in tensors.items():
+                dtype = torch.float32 if name == _MASTER else group["state_dtype"]
+                st[name] = value.detach().to(device=p.device, dtype=dtype).clone(memory_format=torch.contiguous_format)
+
+    # ------------------------------------------------------------------ state
+
+    def _prepare_state(self, p: Tensor, group: Dict[str, Any], native_cuda: bool) -> Dict[str, Any]:
+        st = self.state[p]
+        sdt = group["state_dtype"]
+        if len(st) == 0 or "exp_avg" not in st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if native_cuda else "cpu")
+            st["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.contiguous_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.contiguous_format)
+        for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            t = st.get(name)
+            if t is not None and (t.dtype != sdt or t.device != p.device or not t.is_contiguous()):
+                st[name] = t.to(device=p.device, dtype=sdt).contiguous()
+        if group["amsgrad"] and "max_exp_avg_sq" not in st:
+            st["max_exp_avg_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.contiguous_format)
+        if _uses_master(group, p):
+            if _MASTER not in st:
+                st[_MASTER] = p.detach().to(torch.float32, memory_format=torch.contiguous_format).clone()
+        elif _MASTER in st:
+            del st[_MASTER]
+        step = st.get("step")
+        if not isinstance(step, Tensor):
+            st["step"] = torch.tensor(float(step or 0), dtype=torch.float32)
+        want = p.device if native_cuda else torch.device("cpu")
+        if st["step"].device != want or st["step"].dtype != torch.float32:
+            st["step"] = st["step"].to(device=want, dtype=torch.float32)
+        return st
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """Perform one optimization step; returns ``closure()``'s value if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
+        found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        host_found_inf: Optional[bool] = None  # read once, lazily, for CPU / reference groups
+        chosen: Dict[Tuple, str] = {}  # backend choice per (device, dtype), decided once per step
+
+        for group in self.param_groups:
+            _validate_group(group, check_params=False)
+            buckets: Dict[Tuple, List[Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW does not support sparse gradients (params: got a sparse .grad)")
+                if p.grad.is_complex():
+                    raise RuntimeError("AdamW does not support complex gradients")
+                key = (p.device, p.dtype)
+                impl_name = chosen.get(key)
+                if impl_name is None:
+                    impl_name = chosen[key] = backend.select(OP, p.device, p.dtype).impl
+                native = impl_name == backend.NATIVE and p.is_contiguous()
+                impl = "native" if native else "reference"
+                buckets[(impl, p.device, p.dtype, _uses_master(group, p))].append(p)
+            for (impl, device, dtype, master), params in buckets.items():
+                on_cuda = impl == "native" and device.type == "cuda"
+                states = [self._prepare_state(p, group, on_cuda) for p in params]
+                if on_cuda:
+                    self._step_cuda(group, params, states, dtype, master, grad_scale, found_inf)
+                    continue
+                if host_found_inf is None:
+                    host_found_inf = bool(found_inf is not None and float(found_inf) != 0.0)
+                if host_found_inf:
+                    continue  # GradScaler found inf/NaN: skip the update (and the step count)
+                mult = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+                steps = [s["step"] for s in states]
+                torch._foreach_add_(steps, 1.0)
+                if impl == "native":
+                    self._step_cpu(group, params, states, dtype, master, mult)
+                else:
+                    self._step_reference(group, params, states, master, mult)
+        return loss
+
+    def _hyper(self, group):
+        beta1, beta2 = group["betas"]
+        return dict(
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            amsgrad=bool(group["amsgrad"]),
+            maximize=bool(group["maximize"]),
+        )
+
+    @staticmethod
+    def _seed(group, dtype, master) -> int:
+        if group["stochastic_rounding"] and dtype == torch.bfloat16 and not master:
+            return int(torch.randint(0, 1 << 62, (1,)).item())  # CPU generator: no device sync
+        return 0
+
+    def _step_reference(self, group, params, states, master, mult):
+        h = self._hyper(group)
+        sr = bool(group["stochastic_rounding"])
+        for p, st in zip(params, states):
+            grad = p.grad
+            adamw_single_tensor(
+                p, grad, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"),
+                st.get(_MASTER) if master else None, float(st["step"]),
+                grad_multiplier=mult, stochastic_rounding=sr and not master, **h,
+            )
+
+    def _step_cpu(self, group, params, states, dtype, master, mult):
+        C = _native.require("turbotune.optim.AdamW (CPU kernel)")
+        h = self._hyper(group)
+        grads = []
+        for p in params:
+            g = p.grad
+            if g.dtype != p.dtype:
+                g = g.to(p.dtype)
+            grads.append(g.contiguous())
+        C.adamw_cpu(
+            [p.data_ptr() for p in params],
+            [g.data_ptr() for g in grads],
+            [s["exp_avg"].data_ptr() for s in states],
+            [s["exp_avg_sq"].data_ptr() for s in states],
+            [s["max_exp_avg_sq"].data_ptr() for s in states] if h["amsgrad"] else [],
+            [s[_MASTER].data_ptr() for s in states] if master else [],
+            [p.numel() for p in params],
+            [float(s["step"]) for s in states],
+            _DTYPE_CODE[dtype],
+            _DTYPE_CODE[group["state_dtype"]],
+            h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"], h["amsgrad"], h["maximize"],
+            mult,
+            bool(group["stochastic_rounding"]) and dtype == torch.bfloat16 and not master,
+            self._seed(group, dtype, master),
+        )
+
+    def _step_cuda(self, group, params, states, dtype, master, grad_scale, found_inf):
+        C = _native.require_cuda("turbotune.optim.AdamW (CUDA kernel)")
+        device = params[0].device
+        h = self._hyper(group)
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        inf_ptr = 0
+        if found_inf is not None:
+            found_inf = found_inf.to(device=device, dtype=torch.float32, non_blocking=True)
+            torch._foreach_sub_(steps, [found_inf] * len(steps))  # a skipped step does not count
+            inf_ptr = found_inf.data_ptr()
+        scale_ptr = 0
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
+            scale_ptr = grad_scale.data_ptr()
+        grads = []
+        for p in params:
+            g = p.grad
+            if g.dtype != p.dtype:
+                g = g.to(p.dtype)
+            grads.append(g.contiguous())
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            C.adamw_cuda(
+                [p.data_ptr() for p in params],
+                [g.data_ptr() for g in grads],
+                [s["exp_avg"].data_ptr() for s in states],
+                [s["exp_avg_sq"].data_ptr() for s in states],
+                [s["max_exp_avg_sq"].data_ptr() for s in states] if h["amsgrad"] else [],
+                [s[_MASTER].data_ptr() for s in states] if master else [],
+                [p.numel() for p in params],
+                [s.data_ptr() for s in steps],
+                _DTYPE_CODE[dtype],
+                _DTYPE_CODE[group["state_dtype"]],
+                h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"], h["amsgrad"], h["maximize"],
+                scale_ptr,
+                inf_ptr,
+                bool(group["stochastic_rounding"]) and dtype == torch.bfloat16 and not master,
+                self._seed(group, dtype, master),
+                stream,
+            )

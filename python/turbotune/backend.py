@@ -121,7 +121,7 @@ def triton_mode() -> Tuple[str, str]:
         return "interpreter", f"{why}, TRITON_INTERPRET=1"
     if torch.cuda.is_available():
         return "gpu", f"{why}, CUDA device {torch.cuda.get_device_name(0)}"
-    return "unavailable", f"{why}, but no CUDA device and TRITON_INTERPRET is not set"
+    return "unavailable", f"{why}, but no CUDA device (set TRITON_INTERPRET=1 to interpret the kernels on the CPU)"
 
 
 def forced() -> Optional[str]:
@@ -211,6 +211,8 @@ def select_cached(op: str, device_type: str, dtype: torch.dtype, forced_impl: Op
     if ok:
         return Choice(NATIVE, why)
     reasons.append(why)
+    if device_type == "cpu" and dtype in spec.triton_dtypes:
+        reasons.append("Triton runs CPU tensors only when forced (TURBOTUNE_BACKEND=triton + TRITON_INTERPRET=1)")
     return Choice(REFERENCE, "PyTorch reference: " + "; ".join(dict.fromkeys(reasons)))
 
 

@@ -28,7 +28,7 @@ from .timer import Timing, measure
 __all__ = [
     "Case",
     "register_suite",
-    "suites",
+    "all_suites",
     "run",
     "measure",
     "Timing",
@@ -76,10 +76,9 @@ def register_suite(name: str) -> Callable[[SuiteFn], SuiteFn]:
     return deco
 
 
-def suites() -> Dict[str, SuiteFn]:
+def all_suites() -> Dict[str, SuiteFn]:
     """All registered suites, importing every module of :mod:`turbotune.bench.suites`."""
-    from . import suites as pkg
-
+    pkg = importlib.import_module(f"{__name__}.suites")
     for info in pkgutil.iter_modules(pkg.__path__):
         importlib.import_module(f"{pkg.__name__}.{info.name}")
     return dict(sorted(_SUITES.items()))
@@ -180,7 +179,7 @@ def run(
     (milliseconds), ``repeats``, ``ratio_vs_torch`` (None for a case without a
     baseline in its group), and throughput columns from ``Case.work``.
     """
-    registry = suites()
+    registry = all_suites()
     names = list(registry) if not names else list(names)
     unknown = [n for n in names if n not in registry]
     if unknown:

@@ -52,42 +52,45 @@ def layer_norm_ref(
 
 
 def _forward_ref(x, weight, bias, residual, eps):
+    # fp32 math through ATen's LayerNorm (vectorized on CPU): for fp32 inputs the
+    # casts are no-ops, so the CPU default costs what torch's own LayerNorm costs.
     n = x.shape[-1]
-    sf = x.float()
     s = x.new_empty(0)
+    sf = x.float()
     if residual is not None:
-        sf = sf + residual.float()
-        s = sf.to(torch.promote_types(x.dtype, residual.dtype))
-    mean = sf.mean(dim=-1)
-    var = (sf - mean.unsqueeze(-1)).square().sum(dim=-1) / n
-    rstd = torch.rsqrt(var + eps)
-    y = (sf - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-    if weight is not None:
-        y = y * weight.float()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype), s, mean, rstd
+        s = (sf + residual.float()).to(torch.promote_types(x.dtype, residual.dtype))
+        sf = s.float()  # statistics of the stored sum, as the kernel and the backward see it
+    y, mean, rstd = torch.native_layer_norm(
+        sf, (n,), weight.float() if weight is not None else None, bias.float() if bias is not None else None, eps
+    )
+    lead = x.shape[:-1]
+    return y.to(x.dtype), s, mean.reshape(lead), rstd.reshape(lead)
 
 
 def layer_norm_backward_ref(dy, dres, s, weight, mean, rstd, has_bias: bool):
-    """Gradients ``(dx, dweight, dbias)`` of the fused op, in fp32 math.
+    """Gradients ``(ds, dweight, dbias)`` of the fused op, in fp32 math.
 
     ``s`` is the normalized input (``x`` or ``x + residual``), ``dres`` the
-    gradient flowing into the residual output (or None).
+    gradient flowing into the residual output (or None); ``mean``/``rstd`` are
+    the fp32 statistics of shape ``s.shape[:-1]``.
     """
     n = s.shape[-1]
-    xhat = (s.float() - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-    dyf = dy.float()
-    g = dyf * weight.float() if weight is not None else dyf
-    c1 = (xhat * g).sum(-1, keepdim=True) / n
-    c2 = g.sum(-1, keepdim=True) / n
-    dx = (g - xhat * c1 - c2) * rstd.unsqueeze(-1)
+    stat_shape = s.shape[:-1] + (1,)
+    wf = weight.float() if weight is not None else None
+    # ATen reads the bias only for its shape when the bias gradient is requested.
+    bias_like = mean.new_empty(n) if has_bias else None
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+        dy.float(), s.float(), (n,), mean.reshape(stat_shape), rstd.reshape(stat_shape), wf, bias_like,
+        [True, weight is not None, has_bias],
+    )
     if dres is not None:
         dx = dx + dres.float()
-    rows = dyf.reshape(-1, n)
-    dw = (rows * xhat.reshape(-1, n)).sum(0).to(weight.dtype) if weight is not None else None
-    db = rows.sum(0).to(weight.dtype if weight is not None else dy.dtype) if has_bias else None
-    return dx.to(s.dtype), dw, db
+    w_dtype = weight.dtype if weight is not None else dy.dtype
+    return (
+        dx.to(s.dtype),
+        dw.to(w_dtype) if weight is not None else None,
+        db.to(w_dtype) if has_bias else None,
+    )
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -106,8 +109,11 @@ if HAS_TRITON:
         mask = cols < N
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
-            x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(S + row * stride_s + cols, x.to(S.dtype.element_ty), mask=mask)
+            # Normalize the stored (rounded) sum, so the statistics match what the
+            # backward recomputes from S and equal torch's unfused `LN(x + r)`.
+            x = (x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(S.dtype.element_ty)
+            tl.store(S + row * stride_s + cols, x, mask=mask)
+            x = x.to(tl.float32)
         mean = tl.sum(x, axis=0) / N
         xc = tl.where(mask, x - mean, 0.0)
         var = tl.sum(xc * xc, axis=0) / N
@@ -139,7 +145,7 @@ if HAS_TRITON:
         row_start = pid * rows_per_program
         row_end = tl.minimum(row_start + rows_per_program, M)
         for r in range(row_start, row_end):
-            row = r.to(tl.int64)
+            row = tl.cast(r, tl.int64)
             s = tl.load(S + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
             mean = tl.load(Mean + row)
@@ -235,18 +241,15 @@ def _backward_triton(dy2, dres2, s2, w, mean, rstd, has_bias):
     return dx, dw, db
 
 
-# ----------------------------------------------------------------------------- torch.library ops
+# ----------------------------------------------------------------------------- implementation
 
 
 def _use_triton(x: Tensor) -> bool:
     return backend.select(OP, x.device, x.dtype).impl == backend.TRITON and x.shape[-1] <= MAX_FUSED_N
 
 
-@torch.library.custom_op("turbotune::layer_norm", mutates_args=())
-def _layer_norm_op(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], eps: float
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(y, s, mean, rstd)``; ``s = x + residual`` (empty without residual),
+def _forward_impl(x, weight, bias, residual, eps):
+    """``(y, s, mean, rstd)``: ``s = x + residual`` (empty without residual),
     ``mean``/``rstd`` fp32 of shape ``x.shape[:-1]``."""
     if not _use_triton(x):
         y, s, mean, rstd = _forward_ref(x, weight, bias, residual, eps)
@@ -259,6 +262,72 @@ def _layer_norm_op(
     )
     lead = x.shape[:-1]
     return y.view(x.shape), (s.view(x.shape) if residual is not None else s), mean.view(lead), rstd.view(lead)
+
+
+def _backward_impl(dy, dres, s, weight, mean, rstd, has_bias):
+    """``(ds, dweight | None, dbias | None)``; ``ds`` has ``s.dtype``."""
+    if not _use_triton(s):
+        return layer_norm_backward_ref(dy, dres, s, weight, mean, rstd, has_bias)
+    n = s.shape[-1]
+    dx, dw, db = _backward_triton(
+        dy.reshape(-1, n).contiguous(),
+        dres.reshape(-1, n).contiguous() if dres is not None else None,
+        s.reshape(-1, n).contiguous(),
+        weight.contiguous() if weight is not None else None,
+        mean.reshape(-1).contiguous(),
+        rstd.reshape(-1).contiguous(),
+        has_bias,
+    )
+    return dx.view(s.shape), dw, db
+
+
+def _save(ctx, x, weight, bias, residual, s, mean, rstd):
+    ctx.has_residual = residual is not None
+    ctx.has_bias = bias is not None
+    ctx.x_dtype = x.dtype
+    ctx.res_dtype = residual.dtype if residual is not None else None
+    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+
+
+def _grads(ctx, dy, ds, backward_fn):
+    """Input gradients ``(dx, dweight, dbias, dresidual)`` from the output gradients."""
+    s, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros(s.shape, dtype=ctx.x_dtype, device=s.device)
+    dres = ds if (ctx.has_residual and ds is not None and ds.numel()) else None
+    dsum, dw, db = backward_fn(dy, dres, s, weight, mean, rstd, ctx.has_bias)
+    dx = dsum.to(ctx.x_dtype)
+    dr = dsum.to(ctx.res_dtype) if ctx.has_residual else None
+    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), dr
+
+
+class _LayerNormFunction(torch.autograd.Function):
+    """Eager autograd path. It runs the same implementation as the
+    ``turbotune::layer_norm`` op but skips the dispatcher, whose per-call cost
+    (tens of microseconds) would exceed a whole BERT-sized LayerNorm on a GPU."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps):
+        y, s, mean, rstd = _forward_impl(x, weight, bias, residual, eps)
+        _save(ctx, x, weight, bias, residual, s, mean, rstd)
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        dx, dw, db, dr = _grads(ctx, dy, ds, _backward_impl)
+        return dx, dw, db, dr, None
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+
+
+@torch.library.custom_op("turbotune::layer_norm", mutates_args=())
+def _layer_norm_op(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], eps: float
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, s, mean, rstd)``; ``s = x + residual`` (empty without residual),
+    ``mean``/``rstd`` fp32 of shape ``x.shape[:-1]``."""
+    return _forward_impl(x, weight, bias, residual, eps)
 
 
 @_layer_norm_op.register_fake
@@ -277,21 +346,10 @@ def _layer_norm_backward_op(
     dy: Tensor, dres: Optional[Tensor], s: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, has_bias: bool
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns ``(ds, dweight, dbias)``; ``ds`` has ``s.dtype``; a gradient that
-    is not needed (no weight / no bias) is an empty tensor."""
-    if not _use_triton(s):
-        dx, dw, db = layer_norm_backward_ref(dy, dres, s, weight, mean, rstd, has_bias)
-        return dx, _or_empty(dw, s), _or_empty(db, s)
-    n = s.shape[-1]
-    dx, dw, db = _backward_triton(
-        dy.reshape(-1, n).contiguous(),
-        dres.reshape(-1, n).contiguous() if dres is not None else None,
-        s.reshape(-1, n).contiguous(),
-        weight.contiguous() if weight is not None else None,
-        mean.reshape(-1).contiguous(),
-        rstd.reshape(-1).contiguous(),
-        has_bias,
-    )
-    return dx.view(s.shape), _or_empty(dw, s), _or_empty(db, s)
+    is not needed (no weight / no bias) is an empty tensor (the schema has no
+    optional returns)."""
+    dx, dw, db = _backward_impl(dy, dres, s, weight, mean, rstd, has_bias)
+    return dx, _or_empty(dw, s), _or_empty(db, s)
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -310,26 +368,16 @@ def _(dy, dres, s, weight, mean, rstd, has_bias):
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, eps = inputs
     y, s, mean, rstd = output
-    ctx.has_residual = residual is not None
-    ctx.has_bias = bias is not None
-    ctx.x_dtype = x.dtype
-    ctx.res_dtype = residual.dtype if residual is not None else None
-    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+    _save(ctx, x, weight, bias, residual, s, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _backward(ctx, dy, ds, dmean, drstd):
-    s, weight, mean, rstd = ctx.saved_tensors
-    if dy is None:
-        dy = torch.zeros(s.shape, dtype=ctx.x_dtype, device=s.device)
-    dres = ds if (ctx.has_residual and ds is not None) else None
-    dsum, dw, db = torch.ops.turbotune.layer_norm_backward(dy, dres, s, weight, mean, rstd, ctx.has_bias)
-    dx = dsum.to(ctx.x_dtype)
-    dr = dsum.to(ctx.res_dtype) if ctx.has_residual else None
-    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), dr, None
+def _op_backward(ctx, dy, ds, dmean, drstd):
+    dx, dw, db, dr = _grads(ctx, dy, ds, torch.ops.turbotune.layer_norm_backward)
+    return dx, dw, db, dr, None
 
 
-_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_layer_norm_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -386,11 +434,19 @@ def layer_norm(
         With ``residual``: ``(y, s)`` where ``s = x + residual`` (dtype: the
         promotion of ``x`` and ``residual``) and ``y = LN(s)`` (``x``'s dtype).
 
-    Statistics are computed in fp32 from the unrounded sum; gradients flow to
+    Statistics are computed in fp32 from the stored sum ``s`` (as torch's unfused
+    ``LN(x + residual)`` does); gradients flow to
     ``x``, ``residual``, ``weight`` and ``bias``. Runs the Triton kernels on a
     GPU (or under ``TRITON_INTERPRET=1`` with ``TURBOTUNE_BACKEND=triton``), the
     PyTorch reference elsewhere and for rows wider than 65,536.
     """
     _check(x, weight, bias, residual, eps)
-    y, s, _, _ = torch.ops.turbotune.layer_norm(x, weight, bias, residual, float(eps))
+    eps = float(eps)
+    if torch.compiler.is_compiling():
+        # Under torch.compile / export the registered op keeps the graph whole.
+        y, s, _, _ = torch.ops.turbotune.layer_norm(x, weight, bias, residual, eps)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        y, s = _LayerNormFunction.apply(x, weight, bias, residual, eps)
+    else:
+        y, s, _, _ = _forward_impl(x, weight, bias, residual, eps)
     return y if residual is None else (y, s)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up turbotune on a fresh machine: a virtual environment in .venv with torch,
+# turbotune (editable, native extension built) and the test extras.
+#
+#   TORCH_SPEC     what to install for torch (default torch==2.13.0, the CPU build on
+#                  machines without a GPU; set TORCH_SPEC=skip to keep an existing torch,
+#                  e.g. a CUDA build, when PYTHON points at an interpreter that has it)
+#   TURBOTUNE_CUDA AUTO (default: build the CUDA kernels when nvcc is found) | ON | OFF
+#   PYTHON         interpreter used to create .venv (default python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+export TURBOTUNE_CUDA=${TURBOTUNE_CUDA:-AUTO}
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PYTHON --version 2>&1)"
+  if [ "$TORCH_SPEC" = skip ]; then
+    "$PYTHON" -m venv --system-site-packages .venv
+  else
+    "$PYTHON" -m venv .venv
+  fi
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+if [ "$TORCH_SPEC" != skip ]; then
+  echo "setup: installing $TORCH_SPEC"
+  "${PIP[@]}" install "$TORCH_SPEC"
+fi
+echo "setup: building and installing turbotune (TURBOTUNE_CUDA=$TURBOTUNE_CUDA)"
+"${PIP[@]}" install -e ".[test]"
+.venv/bin/python -c "import turbotune, turbotune._native as n; s = n.status(); assert s.loaded, s.error; print('setup: turbotune', turbotune.__version__, '-', s.cuda_summary())"

@@ -342,3 +342,25 @@ def test_attention_varlen_argument_errors():
         attention_varlen(q, q, q, cu, cu, 6, -1)
     with pytest.raises(ValueError, match="q must have shape"):
         attention_varlen(q[0], q, q, cu, cu, 6, 6)
+
+
+def test_padding_key_blocks_are_skipped_but_gradients_written(device, triton_backend):
+    """Key blocks after the last attended key are skipped by the kernels; their dk/dv
+    must still come back as zeros (the buffers are uninitialized)."""
+    b, h, lq, lk, d = 3, 2, 70, 150, 32
+    q, k, v, _ = make_inputs(b, h, lq, lk, d, "none", torch.float32, device, seed=9)
+    kpm = torch.zeros(b, lk, dtype=torch.bool, device=device)
+    kpm[0] = True
+    kpm[1, :30] = True
+    kpm[2, 5:20] = True
+    kpm[2, 140] = True  # one attended key far out: nothing before it may be skipped wrongly
+    out = attention(q, k, v, key_padding_mask=kpm)
+    dout = torch.randn_like(out)
+    g = grads(out, (q, k, v), dout)
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attention_ref(*x64, key_padding_mask=kpm)
+    assert_close(out, ref, atol=2e-5, rtol=1e-4, name="out")
+    for a, r, name in zip(g, grads(ref, x64, dout.double()), ("dq", "dk", "dv")):
+        assert_close(a, r, atol=2e-5, rtol=1e-4, name=name)
+    assert torch.equal(g[1][1, :, 30:], torch.zeros_like(g[1][1, :, 30:]))
+    assert torch.equal(g[2][1, :, 30:], torch.zeros_like(g[2][1, :, 30:]))

@@ -415,7 +415,7 @@ if HAS_TRITON:
     @triton.autotune(configs=_fwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
     @triton.jit
     def _attn_fwd_kernel(
-        Q, K, V, O, LSE, KPM, BIAS, CU_Q, CU_K,
+        Q, K, V, O, LSE, KPM, KVLEN, BIAS, CU_Q, CU_K,
         sqb, sqh, sqm, sqd,
         skb, skh, skn, skd,
         svb, svh, svn, svd,
@@ -427,7 +427,7 @@ if HAS_TRITON:
         qk_scale, threshold, dropout_scale, seed, rng_offset,
         q_bucket, k_bucket,
         IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         start_m = tl.program_id(0) * BLOCK_M
@@ -457,6 +457,8 @@ if HAS_TRITON:
             end_n = k_len
             if CAUSAL:
                 end_n = tl.minimum(k_len, start_m + BLOCK_M + diag)
+            if HAS_KPM:  # keys after the last attended one are skipped (padding costs nothing)
+                end_n = tl.minimum(end_n, tl.load(KVLEN + b))
             for start_n in range(0, end_n, BLOCK_N):
                 offs_n = start_n + offs_nb
                 n_ok = offs_n < k_len
@@ -464,7 +466,7 @@ if HAS_TRITON:
                              mask=n_ok[None, :] & d_ok[:, None], other=0.0)
                 if DOT_F32:
                     kt = kt.to(tl.float32)
-                s = tl.dot(q, kt) * qk_scale
+                s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
                 valid = n_ok[None, :] & m_ok[:, None]
                 if HAS_BIAS:
                     bias = tl.load(BIAS + b64 * sbb + h64 * sbh + offs_m[:, None].to(tl.int64) * sbm
@@ -489,7 +491,7 @@ if HAS_TRITON:
                             mask=n_ok[:, None] & d_ok[None, :], other=0.0)
                 if DOT_F32:
                     v = v.to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
                 m_i = m_new
             empty = l_i == 0.0
             l_safe = tl.where(empty, 1.0, l_i)
@@ -500,21 +502,25 @@ if HAS_TRITON:
             tl.store(LSE + b64 * slb + h64 * slh + (q_start + offs_m) * slm, lse, mask=m_ok)
 
     @triton.jit
-    def _attn_bwd_preprocess(O, DO, DELTA, som, sod, sdom, sdod, M, head_dim,
-                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """DELTA[r] = sum_d O[r, d] * DO[r, d] over the rows of (M, D) row-strided views."""
+    def _attn_bwd_preprocess(O, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, sdb, sdh, sdm,
+                             H, M, head_dim, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """DELTA[b, h, m] = sum_d O[b, h, m, d] * DO[b, h, m, d] for strided 4-D views."""
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         msk = (offs_m[:, None] < M) & (offs_d[None, :] < head_dim)
         rows = offs_m[:, None].to(tl.int64)
-        o = tl.load(O + rows * som + offs_d[None, :] * sod, mask=msk, other=0.0).to(tl.float32)
-        do = tl.load(DO + rows * sdom + offs_d[None, :] * sdod, mask=msk, other=0.0).to(tl.float32)
-        tl.store(DELTA + offs_m, tl.sum(o * do, 1), mask=offs_m < M)
+        o = tl.load(O + b * sob + h * soh + rows * som + offs_d[None, :] * sod, mask=msk, other=0.0).to(tl.float32)
+        do = tl.load(DO + b * sdob + h * sdoh + rows * sdom + offs_d[None, :] * sdod, mask=msk,
+                     other=0.0).to(tl.float32)
+        tl.store(DELTA + b * sdb + h * sdh + offs_m * sdm, tl.sum(o * do, 1), mask=offs_m < M)
 
     @triton.autotune(configs=_bwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
     @triton.jit
     def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, KPM, BIAS, CU_Q, CU_K,
+        Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KVLEN, BIAS, CU_Q, CU_K,
         sqb, sqh, sqm, sqd,
         skb, skh, skn, skd,
         svb, svh, svn, svd,
@@ -528,7 +534,7 @@ if HAS_TRITON:
         qk_scale, sm_scale, threshold, dropout_scale, seed, rng_offset,
         q_bucket, k_bucket,
         IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         start_n = tl.program_id(0) * BLOCK_N
@@ -567,7 +573,10 @@ if HAS_TRITON:
             do_base = DO + b64 * sdob + h64 * sdoh + q_start * sdom
             l_base = LSE + b64 * slb + h64 * slh + q_start * slm
             d_base = DELTA + b64 * slb + h64 * slh + q_start * slm
-            for start_m in range(lo, q_len, BLOCK_M):
+            hi = q_len
+            if HAS_KPM:  # a block of padding keys only needs its zero gradients written
+                hi = tl.where(start_n < tl.load(KVLEN + b), q_len, 0)
+            for start_m in range(lo, hi, BLOCK_M):
                 offs_m = start_m + offs_mb
                 m_ok = offs_m < q_len
                 md_ok = m_ok[:, None] & d_ok[None, :]
@@ -579,7 +588,7 @@ if HAS_TRITON:
                 lse = tl.load(l_base + offs_m * slm, mask=m_ok, other=0.0)
                 lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
                 delta = tl.load(d_base + offs_m * slm, mask=m_ok, other=0.0)
-                st = tl.dot(k, tl.trans(q)) * qk_scale  # (N, M)
+                st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (N, M)
                 valid = key_ok[:, None] & m_ok[None, :]
                 if HAS_BIAS:
                     bias = tl.load(BIAS + b64 * sbb + h64 * sbh + offs_m[None, :].to(tl.int64) * sbm
@@ -588,7 +597,7 @@ if HAS_TRITON:
                 if CAUSAL:
                     valid = valid & (offs_n[:, None] <= offs_m[None, :] + diag)
                 pt = tl.where(valid, tl.exp2(st - lse[None, :]), 0.0)
-                dpt = tl.dot(v, tl.trans(do))  # (N, M)
+                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (N, M)
                 if HAS_DROPOUT:
                     keep = _dropout_keep(seed, rng_offset, bh, offs_m[None, :] + offs_n[:, None] * 0,
                                          offs_n[:, None] + offs_m[None, :] * 0, k_len, threshold)
@@ -596,9 +605,9 @@ if HAS_TRITON:
                     dpt = tl.where(keep, dpt * dropout_scale, 0.0)
                 else:
                     zt = pt
-                dv += tl.dot(zt.to(do.dtype), do)
+                dv += tl.dot(zt.to(do.dtype), do, input_precision=DOT_PREC)
                 dst = pt * (dpt - delta[None, :])
-                dk += tl.dot(dst.to(q.dtype), q)
+                dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
             dk = dk * sm_scale
             tl.store(DK + b64 * sdkb + h64 * sdkh + (k_start + offs_n[:, None]) * sdkn + offs_d[None, :] * sdkd,
                      dk.to(DK.dtype.element_ty), mask=nd_ok)
@@ -608,7 +617,7 @@ if HAS_TRITON:
     @triton.autotune(configs=_bwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
     @triton.jit
     def _attn_bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, KPM, BIAS, CU_Q, CU_K,
+        Q, K, V, DO, LSE, DELTA, DQ, KPM, KVLEN, BIAS, CU_Q, CU_K,
         sqb, sqh, sqm, sqd,
         skb, skh, skn, skd,
         svb, svh, svn, svd,
@@ -621,7 +630,7 @@ if HAS_TRITON:
         qk_scale, sm_scale, threshold, dropout_scale, seed, rng_offset,
         q_bucket, k_bucket,
         IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         start_m = tl.program_id(0) * BLOCK_M
@@ -655,6 +664,8 @@ if HAS_TRITON:
             end_n = k_len
             if CAUSAL:
                 end_n = tl.minimum(k_len, start_m + BLOCK_M + diag)
+            if HAS_KPM:  # keys after the last attended one are skipped (padding costs nothing)
+                end_n = tl.minimum(end_n, tl.load(KVLEN + b))
             for start_n in range(0, end_n, BLOCK_N):
                 offs_n = start_n + offs_nb
                 n_ok = offs_n < k_len
@@ -665,7 +676,7 @@ if HAS_TRITON:
                 if DOT_F32:
                     kt = kt.to(tl.float32)
                     vt = vt.to(tl.float32)
-                s = tl.dot(q, kt) * qk_scale
+                s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
                 valid = n_ok[None, :] & m_ok[:, None]
                 if HAS_BIAS:
                     bias = tl.load(BIAS + b64 * sbb + h64 * sbh + offs_m[:, None].to(tl.int64) * sbm
@@ -677,13 +688,13 @@ if HAS_TRITON:
                 if CAUSAL:
                     valid = valid & (offs_n[None, :] <= offs_m[:, None] + diag)
                 p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-                dp = tl.dot(do, vt)
+                dp = tl.dot(do, vt, input_precision=DOT_PREC)
                 if HAS_DROPOUT:
                     keep = _dropout_keep(seed, rng_offset, bh, offs_m[:, None] + offs_n[None, :] * 0,
                                          offs_n[None, :] + offs_m[:, None] * 0, k_len, threshold)
                     dp = tl.where(keep, dp * dropout_scale, 0.0)
                 ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+                dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
             dq = dq * sm_scale
             tl.store(DQ + b64 * sdqb + h64 * sdqh + (q_start + offs_m[:, None]) * sdqm + offs_d[None, :] * sdqd,
                      dq.to(DQ.dtype.element_ty), mask=md_ok)
@@ -705,6 +716,11 @@ def _dot_f32(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32 or device.type != "cuda"
 
 
+def _dot_prec(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products (tf32 would lose ~3 digits); fp16/bf16: the MMA default.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _rng_args(dropout_p: float):
     if dropout_p > 0.0:
         return _dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
@@ -714,17 +730,20 @@ def _rng_args(dropout_p: float):
 def _mask_args(kpm: Optional[Tensor], bias: Optional[Tensor], shape4, dummy: Tensor):
     b, h, lq, lk = shape4
     if kpm is not None:
-        kpm_t = kpm if kpm.dtype == torch.bool else (kpm != 0)
-        kpm_t = kpm_t.view(torch.uint8)
+        kpm_b = kpm if kpm.dtype == torch.bool else (kpm != 0)
+        kpm_t = kpm_b.view(torch.uint8)
         kpm_strides = (kpm_t.stride(0), kpm_t.stride(1))
+        # per batch row: one past the last attended key (0 when none)
+        pos = torch.arange(1, lk + 1, device=kpm_b.device, dtype=torch.int32)
+        kv_len = torch.where(kpm_b, pos, torch.zeros_like(pos)).amax(dim=1).to(torch.int32)
     else:
-        kpm_t, kpm_strides = dummy, (0, 0)
+        kpm_t, kpm_strides, kv_len = dummy, (0, 0), dummy
     if bias is not None:
         bias_t = bias.expand(b, h, lq, lk)
         bias_strides = tuple(bias_t.stride())
     else:
         bias_t, bias_strides = dummy, (0, 0, 0, 0)
-    return kpm_t, kpm_strides, bias_t, bias_strides
+    return kpm_t, kv_len, kpm_strides, bias_t, bias_strides
 
 
 def _fwd_triton(q, k, v, kpm, bias, dropout_p, causal, scale, seed, offset, cu_q=None, cu_k=None, max_q=0, max_k=0):
@@ -752,7 +771,7 @@ def _fwd_triton(q, k, v, kpm, bias, dropout_p, causal, scale, seed, offset, cu_q
     if lk == 0:
         out.zero_()
         return out, lse.fill_(float("-inf"))
-    kpm_t, kpm_s, bias_t, bias_s = _mask_args(kpm, bias, (batch, heads, lq, lk), lse)
+    kpm_t, kv_len, kpm_s, bias_t, bias_s = _mask_args(kpm, bias, (batch, heads, lq, lk), lse)
     threshold, dscale = _rng_args(dropout_p)
     cu_q_t = cu_q if varlen else lse
     cu_k_t = cu_k if varlen else lse
@@ -761,35 +780,34 @@ def _fwd_triton(q, k, v, kpm, bias, dropout_p, causal, scale, seed, offset, cu_q
         return (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)
 
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, kpm_t, bias_t, cu_q_t, cu_k_t,
+        q, k, v, out, lse, kpm_t, kv_len, bias_t, cu_q_t, cu_k_t,
         *qs, *ks, *vs, *os_, *ls, *kpm_s, *bias_s,
         heads, lq, lk, d,
         scale * _LOG2E, threshold, dscale, seed, offset,
         _bucket(lq), _bucket(lk),
         IS_VARLEN=varlen, HAS_KPM=kpm is not None, HAS_BIAS=bias is not None, CAUSAL=causal,
-        HAS_DROPOUT=dropout_p > 0.0, DOT_F32=_dot_f32(q.dtype, q.device), BLOCK_D=_block_d(d),
+        HAS_DROPOUT=dropout_p > 0.0, DOT_F32=_dot_f32(q.dtype, q.device), DOT_PREC=_dot_prec(q.dtype),
+        BLOCK_D=_block_d(d),
     )
     return out, lse
 
 
 def _delta(out: Tensor, dout: Tensor, lse: Tensor, varlen: bool) -> Tensor:
-    """rowsum(dO * O) in fp32, laid out like ``lse``."""
+    """rowsum(dO * O) in fp32, laid out like ``lse`` (reads any strides, no copies)."""
     d = out.shape[-1]
-    if varlen:  # (total, H, D) -> rows ordered (total, H); lse is (H, total)
-        o2, do2 = out.reshape(-1, d), dout.reshape(-1, d)
-    else:  # (B, H, L, D) -> rows (B, H, L), matching lse (B, H, L)
-        o2, do2 = out.reshape(-1, d), dout.reshape(-1, d)
-    rows = o2.shape[0]
-    delta = torch.empty(rows, dtype=torch.float32, device=out.device)
-    if rows:
+    if varlen:  # (total, H, D) viewed as (1, H, total, D); lse is (H, total)
+        o4, do4 = out.permute(1, 0, 2).unsqueeze(0), dout.permute(1, 0, 2).unsqueeze(0)
+    else:
+        o4, do4 = out, dout
+    _, heads, m, _ = o4.shape
+    delta = torch.empty_like(lse)
+    d4 = delta.unsqueeze(0) if varlen else delta
+    if delta.numel():
         bm = 64
-        _attn_bwd_preprocess[(triton.cdiv(rows, bm),)](
-            o2, do2, delta, o2.stride(0), o2.stride(1), do2.stride(0), do2.stride(1), rows, d,
-            BLOCK_M=bm, BLOCK_D=_block_d(d),
+        _attn_bwd_preprocess[(triton.cdiv(m, bm), o4.shape[0] * heads)](
+            o4, do4, d4, *o4.stride(), *do4.stride(), *d4.stride(), heads, m, d, BLOCK_M=bm, BLOCK_D=_block_d(d),
         )
-    if varlen:
-        return delta.view(out.shape[0], out.shape[1]).t().contiguous()
-    return delta.view(lse.shape)
+    return delta
 
 
 def _bwd_triton(dout, q, k, v, out, lse, kpm, bias, dropout_p, causal, scale, seed, offset,
@@ -817,22 +835,23 @@ def _bwd_triton(dout, q, k, v, out, lse, kpm, bias, dropout_p, causal, scale, se
         return dq.zero_(), dk.zero_(), dv.zero_()
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     delta = _delta(out, dout, lse, varlen)
-    kpm_t, kpm_s, bias_t, bias_s = _mask_args(kpm, bias, (batch, heads, lq, lk), lse)
+    kpm_t, kv_len, kpm_s, bias_t, bias_s = _mask_args(kpm, bias, (batch, heads, lq, lk), lse)
     threshold, dscale = _rng_args(dropout_p)
     cu_q_t = cu_q if varlen else lse
     cu_k_t = cu_k if varlen else lse
     common = dict(
         IS_VARLEN=varlen, HAS_KPM=kpm is not None, HAS_BIAS=bias is not None, CAUSAL=causal,
-        HAS_DROPOUT=dropout_p > 0.0, DOT_F32=_dot_f32(q.dtype, q.device), BLOCK_D=_block_d(d),
+        HAS_DROPOUT=dropout_p > 0.0, DOT_F32=_dot_f32(q.dtype, q.device), DOT_PREC=_dot_prec(q.dtype),
+        BLOCK_D=_block_d(d),
     )
     tail = (heads, lq, lk, d, scale * _LOG2E, scale, threshold, dscale, seed, offset, _bucket(lq), _bucket(lk))
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * heads)](
-        q, k, v, dout, lse, delta, dk, dv, kpm_t, bias_t, cu_q_t, cu_k_t,
+        q, k, v, dout, lse, delta, dk, dv, kpm_t, kv_len, bias_t, cu_q_t, cu_k_t,
         *st(q), *st(k), *st(v), *st(dout), *ls, *st(dk), *st(dv), *kpm_s, *bias_s,
         *tail, **common,
     )
     _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)](
-        q, k, v, dout, lse, delta, dq, kpm_t, bias_t, cu_q_t, cu_k_t,
+        q, k, v, dout, lse, delta, dq, kpm_t, kv_len, bias_t, cu_q_t, cu_k_t,
         *st(q), *st(k), *st(v), *st(dout), *ls, *st(dq), *kpm_s, *bias_s,
         *tail, **common,
     )

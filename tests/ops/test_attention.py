@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from turbotune import backend
+from turbotune.ops.attention import _probs_ref
 from turbotune.ops import attention, attention_ref, attention_varlen, attention_varlen_ref
 from turbotune.padding import pad_input, unpad_input
 from turbotune.testing import assert_close
@@ -291,6 +292,17 @@ def test_opcheck_all_ops(device, triton_backend):
                            cu, cu, 14, 14, 0.1, False, 0.25, 9, 0))
 
 
+def test_opcheck_cpu_default_path():
+    q, k, v, kw = make_inputs(2, 2, 19, 23, 16, "all", torch.float32, "cpu", seed=1)
+    args = (q, k, v, kw["key_padding_mask"], kw["attn_bias"], 0.0, True, 0.25, 0, 0)
+    with backend.force(backend.REFERENCE):
+        torch.library.opcheck(torch.ops.turbotune.attention_fwd.default, args)
+        out, lse = torch.ops.turbotune.attention_fwd(*args)
+        torch.library.opcheck(torch.ops.turbotune.attention_bwd.default,
+                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse,
+                               kw["key_padding_mask"], kw["attn_bias"], 0.0, True, 0.25, 0, 0))
+
+
 def test_torch_compile_reference_path():
     """torch.compile sees the custom op without graph breaks (CPU: reference path, see DESIGN.md)."""
     q, k, v, kw = make_inputs(1, 2, 8, 8, 16, "padding", torch.float32, "cpu")
@@ -364,3 +376,36 @@ def test_padding_key_blocks_are_skipped_but_gradients_written(device, triton_bac
         assert_close(a, r, atol=2e-5, rtol=1e-4, name=name)
     assert torch.equal(g[1][1, :, 30:], torch.zeros_like(g[1][1, :, 30:]))
     assert torch.equal(g[2][1, :, 30:], torch.zeros_like(g[2][1, :, 30:]))
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_default_path(mask, dtype):
+    """Without dropout, the CPU default (ATen's fused CPU kernel with our masks folded in)
+    meets the same accuracy rule, keeps lse = -inf and zeros for rows with no key."""
+    q, k, v, kw = make_inputs(2, 3, 37, 29, 40, mask, dtype, "cpu", seed=4)
+    if "key_padding_mask" in kw:
+        kw["key_padding_mask"][1] = False  # a batch row with no key at all
+    with backend.force(backend.REFERENCE):
+        out, lse = attention(q, k, v, return_lse=True, **kw)
+        dout = torch.randn_like(out)
+        g = grads(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    kw64 = dict(kw)
+    if "attn_bias" in kw64:
+        kw64["attn_bias"] = kw64["attn_bias"].double()
+    ref = attention_ref(q64, k64, v64, **kw64)
+    gref = grads(ref, (q64, k64, v64), dout.double())
+    stock = stock_lowp(q, k, v, **kw)
+    gstock = grads(stock, (q, k, v), dout)
+    check_against_reference(dtype, out, stock, ref, "out")
+    for name, a, s, r in zip(("dq", "dk", "dv"), g, gstock, gref):
+        check_against_reference(dtype, a, s, r, name)
+    _, lse_ref = _probs_ref(q64, k64, kw.get("key_padding_mask"), kw64.get("attn_bias"),
+                            kw.get("causal", False), 40 ** -0.5)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))
+    fin = torch.isfinite(lse_ref)
+    assert_close(lse[fin], lse_ref[fin], atol=2e-5 if dtype == torch.float32 else 5e-2, rtol=1e-3, name="lse")
+    if "key_padding_mask" in kw:
+        assert torch.isneginf(lse[1]).all() and torch.equal(out[1], torch.zeros_like(out[1]))
+        assert torch.equal(g[0][1], torch.zeros_like(g[0][1]))

@@ -858,6 +858,59 @@ def _bwd_triton(dout, q, k, v, out, lse, kpm, bias, dropout_p, causal, scale, se
     return dq, dk, dv
 
 
+# ----------------------------------------------------------------------------- CPU fast path
+
+# Without dropout, the CPU default path runs ATen's fused flash-attention CPU kernel
+# (what SDPA uses on CPU) with our masks folded into one additive mask; it returns
+# the log-sum-exp we need. With dropout the reference above runs (our Philox mask).
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _cpu_flash_ok(q: Tensor, k: Tensor, bias: Optional[Tensor], dropout_p: float) -> bool:
+    return (
+        _CPU_FLASH is not None and _CPU_FLASH_BWD is not None and q.device.type == "cpu" and dropout_p == 0.0
+        and q.shape[-2] > 0 and k.shape[-2] > 0 and q.shape[0] * q.shape[1] > 0
+        and (bias is None or bias.dtype == q.dtype)
+        and os.environ.get("TURBOTUNE_ATTENTION_CPU_FLASH", "1") != "0"
+    )
+
+
+def _additive_mask(q, k, kpm, bias, causal) -> Optional[Tensor]:
+    """kpm, bias and causal folded into one additive mask broadcastable to (B, H, Lq, Lk), q's dtype."""
+    b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
+    m = bias
+    if kpm is not None:
+        pad = torch.zeros(b, 1, 1, lk, dtype=q.dtype, device=q.device).masked_fill(
+            ~(kpm != 0).view(b, 1, 1, lk), float("-inf"))
+        m = pad if m is None else m + pad
+    if causal:
+        i = torch.arange(lq, device=q.device).view(-1, 1)
+        j = torch.arange(lk, device=q.device).view(1, -1)
+        c = torch.zeros(lq, lk, dtype=q.dtype, device=q.device).masked_fill(j > i + (lk - lq), float("-inf"))
+        m = c if m is None else m + c
+    if m is not None:
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+    return m
+
+
+def _cpu_flash_forward(q, k, v, kpm, bias, causal, scale):
+    mask = _additive_mask(q, k, kpm, bias, causal)
+    out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    lse = lse.to(torch.float32)
+    if mask is not None:  # the ATen kernel reports 0 for rows with no key; we promise -inf
+        empty = torch.isneginf(mask).all(dim=-1).expand(lse.shape)
+        lse = lse.masked_fill(empty, float("-inf"))
+    return out, lse.contiguous()
+
+
+def _cpu_flash_backward(dout, q, k, v, out, lse, kpm, bias, causal, scale):
+    mask = _additive_mask(q, k, kpm, bias, causal)
+    lse = lse.masked_fill(torch.isneginf(lse), 0.0)  # exp(-inf - 0) = 0 for rows with no key
+    return _CPU_FLASH_BWD(dout, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
+
+
 # ----------------------------------------------------------------------------- torch.library ops
 
 
@@ -877,8 +930,13 @@ def _attention_fwd_op(
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``(out, lse)``: out like ``q`` (same strides), lse fp32 ``(B, H, Lq)`` (natural log)."""
     if not _use_triton(q):
-        out, lse = _attention_forward_ref(q, k, v, key_padding_mask, attn_bias, dropout_p, causal,
-                                          softmax_scale, seed, offset)
+        if _cpu_flash_ok(q, k, attn_bias, dropout_p):
+            out, lse = _cpu_flash_forward(q, k, v, key_padding_mask, attn_bias, causal, softmax_scale)
+        else:
+            out, lse = _attention_forward_ref(q, k, v, key_padding_mask, attn_bias, dropout_p, causal,
+                                              softmax_scale, seed, offset)
+        if out.stride() == q.stride() or q.numel() == 0:  # the fake promises q's layout
+            return out, lse.contiguous()
         res = torch.empty_like(q)
         res.copy_(out)
         return res, lse.contiguous()
@@ -900,12 +958,12 @@ def _attention_bwd_op(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dq, dk, dv)`` shaped and strided like ``q``, ``k``, ``v``."""
     if not _use_triton(q):
-        g = _attention_backward_ref(dout, q, k, v, out, key_padding_mask, attn_bias, dropout_p, causal,
-                                    softmax_scale, seed, offset)
-        res = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-        for r, t in zip(res, g):
-            r.copy_(t)
-        return res
+        if _cpu_flash_ok(q, k, attn_bias, dropout_p):
+            g = _cpu_flash_backward(dout, q, k, v, out, lse, key_padding_mask, attn_bias, causal, softmax_scale)
+        else:
+            g = _attention_backward_ref(dout, q, k, v, out, key_padding_mask, attn_bias, dropout_p, causal,
+                                        softmax_scale, seed, offset)
+        return tuple(t if t.stride() == x.stride() else torch.empty_like(x).copy_(t) for t, x in zip(g, (q, k, v)))
     return _bwd_triton(dout, _inner_contig(q), _inner_contig(k), _inner_contig(v), _inner_contig(out), lse,
                        key_padding_mask, attn_bias, dropout_p, causal, softmax_scale, seed, offset)
 

@@ -18,6 +18,9 @@ from turbotune import backend  # noqa: E402
 from turbotune.data import packaged_model_dir  # noqa: E402
 from turbotune.testing import assert_close  # noqa: E402
 
+# Module-scoped fixtures cannot use the function-scoped `device` fixture: same rule here.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 TEXTS = [
     "turbotune fuses attention",
     "a much longer sentence, with quite a few more word pieces in it than the others have",
@@ -38,14 +41,14 @@ def batch(model_dir):
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     enc = tok(TEXTS, padding=True, return_tensors="pt")
     assert (enc["attention_mask"] == 0).any(), "the batch must contain padding"
-    return enc
+    return enc.to(DEVICE)
 
 
 @pytest.fixture(scope="module")
 def models(model_dir):
     turbotune.models.register_hf_attention()
-    eager = transformers.AutoModel.from_pretrained(model_dir, attn_implementation="eager")
-    tt = transformers.AutoModel.from_pretrained(model_dir, attn_implementation="turbotune")
+    eager = transformers.AutoModel.from_pretrained(model_dir, attn_implementation="eager").to(DEVICE)
+    tt = transformers.AutoModel.from_pretrained(model_dir, attn_implementation="turbotune").to(DEVICE)
     assert tt.config._attn_implementation == "turbotune"
     return eager, tt
 
@@ -88,8 +91,8 @@ def test_eval_padded_batch_matches_eager(models, batch, triton_backend):
 def test_train_step_with_dropout(model_dir, batch, triton_backend):
     # The first two layers of the real checkpoint keep the interpreter run short.
     turbotune.models.register_hf_attention()
-    eager = transformers.AutoModel.from_pretrained(model_dir, attn_implementation="eager", num_hidden_layers=2)
-    tt = transformers.AutoModel.from_pretrained(model_dir, attn_implementation="turbotune", num_hidden_layers=2)
+    eager = transformers.AutoModel.from_pretrained(model_dir, attn_implementation="eager", num_hidden_layers=2).to(DEVICE)
+    tt = transformers.AutoModel.from_pretrained(model_dir, attn_implementation="turbotune", num_hidden_layers=2).to(DEVICE)
     tt.train()
     assert tt.config.attention_probs_dropout_prob == pytest.approx(0.1)
     real = batch["attention_mask"].bool()

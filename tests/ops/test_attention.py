@@ -49,6 +49,15 @@ GRID = [
     (3, 1, 1, 64, 80, "all", torch.bfloat16),
 ]
 
+# Extra points beyond the covering design: a non-power-of-two head dim the issue names (96),
+# single-token queries and keys, and the largest corner in half precision with every mask.
+EXTRA = [
+    (2, 2, 45, 77, 96, "all", torch.bfloat16),
+    (3, 1, 1, 1, 32, "padding", torch.float32),
+    (3, 4, 130, 100, 128, "all", torch.float16),
+    (1, 2, 64, 64, 96, "causal", torch.float32),
+]
+
 ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
@@ -123,7 +132,10 @@ def check_against_reference(dtype, got, stock, ref, name):
     )
 
 
-@pytest.mark.parametrize("b,h,lq,lk,d,mask,dtype", GRID, ids=[f"{g[5]}-{str(g[6])[6:]}-B{g[0]}H{g[1]}q{g[2]}k{g[3]}d{g[4]}" for g in GRID])
+@pytest.mark.parametrize(
+    "b,h,lq,lk,d,mask,dtype", GRID + EXTRA,
+    ids=[f"{g[5]}-{str(g[6])[6:]}-B{g[0]}H{g[1]}q{g[2]}k{g[3]}d{g[4]}" for g in GRID + EXTRA],
+)
 def test_attention_matches_fp64_reference(b, h, lq, lk, d, mask, dtype, device, triton_backend):
     q, k, v, kw = make_inputs(b, h, lq, lk, d, mask, dtype, device)
     out = attention(q, k, v, **kw)

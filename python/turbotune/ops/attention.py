@@ -746,10 +746,12 @@ def _mask_args(kpm: Optional[Tensor], bias: Optional[Tensor], shape4, dummy: Ten
     return kpm_t, kv_len, kpm_strides, bias_t, bias_strides
 
 
-def _fwd_triton(q, k, v, kpm, bias, dropout_p, causal, scale, seed, offset, cu_q=None, cu_k=None, max_q=0, max_k=0):
-    """Dense: q (B, H, Lq, D); varlen: q (total_q, H, D). Returns (out, lse)."""
+def _fwd_triton(q, k, v, kpm, bias, dropout_p, causal, scale, seed, offset, cu_q=None, cu_k=None, max_q=0, max_k=0,
+                out_like=None):
+    """Dense: q (B, H, Lq, D); varlen: q (total_q, H, D). Returns (out, lse); out is laid
+    out like ``out_like`` (default ``q``), as the fake implementation promises."""
     varlen = cu_q is not None
-    out = torch.empty_like(q)
+    out = torch.empty_like(q if out_like is None else out_like)
     if varlen:
         total_q, heads, d = q.shape
         batch = cu_q.numel() - 1
@@ -811,9 +813,10 @@ def _delta(out: Tensor, dout: Tensor, lse: Tensor, varlen: bool) -> Tensor:
 
 
 def _bwd_triton(dout, q, k, v, out, lse, kpm, bias, dropout_p, causal, scale, seed, offset,
-                cu_q=None, cu_k=None, max_q=0, max_k=0):
+                cu_q=None, cu_k=None, max_q=0, max_k=0, grads_like=None):
     varlen = cu_q is not None
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    like = grads_like if grads_like is not None else (q, k, v)
+    dq, dk, dv = (torch.empty_like(t) for t in like)
     if varlen:
         _, heads, d = q.shape
         batch = cu_q.numel() - 1
@@ -941,7 +944,7 @@ def _attention_fwd_op(
         res.copy_(out)
         return res, lse.contiguous()
     return _fwd_triton(_inner_contig(q), _inner_contig(k), _inner_contig(v), key_padding_mask, attn_bias,
-                       dropout_p, causal, softmax_scale, seed, offset)
+                       dropout_p, causal, softmax_scale, seed, offset, out_like=q)
 
 
 @_attention_fwd_op.register_fake
@@ -965,7 +968,8 @@ def _attention_bwd_op(
                                         softmax_scale, seed, offset)
         return tuple(t if t.stride() == x.stride() else torch.empty_like(x).copy_(t) for t, x in zip(g, (q, k, v)))
     return _bwd_triton(dout, _inner_contig(q), _inner_contig(k), _inner_contig(v), _inner_contig(out), lse,
-                       key_padding_mask, attn_bias, dropout_p, causal, softmax_scale, seed, offset)
+                       key_padding_mask, attn_bias, dropout_p, causal, softmax_scale, seed, offset,
+                       grads_like=(q, k, v))
 
 
 @_attention_bwd_op.register_fake
@@ -1005,7 +1009,8 @@ def _attention_varlen_fwd_op(
         res.copy_(out)
         return res, lse
     return _fwd_triton(_inner_contig(q), _inner_contig(k), _inner_contig(v), None, None, dropout_p, causal,
-                       softmax_scale, seed, offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                       softmax_scale, seed, offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       out_like=q)
 
 
 @_attention_varlen_fwd_op.register_fake
@@ -1030,7 +1035,7 @@ def _attention_varlen_bwd_op(
         return res
     return _bwd_triton(dout, _inner_contig(q), _inner_contig(k), _inner_contig(v), _inner_contig(out), lse,
                        None, None, dropout_p, causal, softmax_scale, seed, offset,
-                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grads_like=(q, k, v))
 
 
 @_attention_varlen_bwd_op.register_fake

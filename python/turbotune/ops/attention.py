@@ -33,14 +33,16 @@ Semantics shared by every path
 - A query row with no key to attend (all masked) produces zeros, never NaN;
   its log-sum-exp is ``-inf`` and its gradients are zero.
 - Dropout: counter-based Philox-4x32-10 keyed by ``(seed, offset)`` and the
-  position ``(b * H + h, i * Lk + j)`` of each attention probability, so the
-  backward regenerates the mask instead of storing it, the same seed gives the
-  same result, and the CPU reference reproduces the kernels' mask bit for bit.
-  An element is kept when the top 24 bits of the first Philox word are
+  position ``(b * H + h, n = i * Lk + j)`` of each attention probability
+  (word ``n % 4`` of the Philox block with counter ``(n // 4, b * H + h,
+  offset, 0)``), so the backward regenerates the mask instead of storing it,
+  the same seed gives the same result, and the CPU reference reproduces the
+  kernels' mask bit for bit.
+  An element is kept when the top 24 bits of its Philox word are
   ``>= round(p * 2**24)``; kept probabilities are scaled by ``1 / (1 - p)``.
   With ``seed=None`` a seed is drawn from torch's default CPU generator (so
-  ``torch.manual_seed`` makes runs reproducible). Positions are 32-bit
-  counters: ``Lq * Lk`` must stay below ``2**32`` per head.
+  ``torch.manual_seed`` makes runs reproducible). Philox counters are 32-bit:
+  ``Lq * Lk`` must stay below ``2**34`` per head.
 """
 from __future__ import annotations
 
@@ -87,8 +89,8 @@ def _mul32(a: Tensor, b: int) -> Tuple[Tensor, Tensor]:
     return hi, lo
 
 
-def _philox_word0(seed: int, c0: Tensor, c1: Tensor, c2: int, c3: int = 0, rounds: int = 10) -> Tensor:
-    """First output word of Philox-4x32 (Triton's ``tl.philox``), uint32 values in int64."""
+def _philox4(seed: int, c0: Tensor, c1: Tensor, c2: int, c3: int = 0, rounds: int = 10):
+    """The four output words of Philox-4x32 (Triton's ``tl.philox``), uint32 values held in int64."""
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     c0 = c0.to(torch.int64) & _M32
     c1 = torch.broadcast_to(c1.to(torch.int64) & _M32, c0.shape)
@@ -100,20 +102,38 @@ def _philox_word0(seed: int, c0: Tensor, c1: Tensor, c2: int, c3: int = 0, round
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _M32
         k1 = (k1 + _PHILOX_KEY_B) & _M32
-    return c0
+    return c0, c1, c2, c3
 
 
 def _dropout_threshold(p: float) -> int:
     return int(round(p * (1 << _RNG_BITS)))
 
 
+_CHUNK = 1 << 16  # Philox counters per step: keeps the ~250 elementwise passes in cache
+
+
 def _keep_mask_ref(seed: int, offset: int, bh: Tensor, lq: int, lk: int, p: float, device) -> Tensor:
-    """Keep mask ``(len(bh), lq, lk)`` bool for the (flattened) heads ``bh``."""
-    i = torch.arange(lq, device=device, dtype=torch.int64).view(1, lq, 1)
-    j = torch.arange(lk, device=device, dtype=torch.int64).view(1, 1, lk)
-    c0 = (i * lk + j).expand(bh.numel(), lq, lk)
-    word = _philox_word0(seed, c0, bh.to(device=device, dtype=torch.int64).view(-1, 1, 1), offset)
-    return (word >> (32 - _RNG_BITS)) >= _dropout_threshold(p)
+    """Keep mask ``(len(bh), lq, lk)`` bool for the (flattened) heads ``bh``.
+
+    Position ``n = i * lk + j`` of head ``bh`` uses word ``n % 4`` of Philox block
+    ``(n // 4, bh, offset, 0)`` keyed by ``seed`` -- the kernels' ``_dropout_keep``.
+    """
+    n = lq * lk
+    blocks = (n + 3) // 4
+    threshold = _dropout_threshold(p)
+    bh = bh.to(device=device, dtype=torch.int64).reshape(-1)
+    out = torch.empty(bh.numel(), blocks * 4, dtype=torch.bool, device=device)
+    if out.numel() == 0:
+        return out[:, :n].reshape(bh.numel(), lq, lk)
+    per_step = max(1, _CHUNK // blocks)
+    for s0 in range(0, bh.numel(), per_step):
+        heads = bh[s0:s0 + per_step].view(-1, 1)
+        for b0 in range(0, blocks, _CHUNK):
+            ctr = torch.arange(b0, min(blocks, b0 + _CHUNK), device=device, dtype=torch.int64).view(1, -1)
+            words = torch.stack(_philox4(seed, ctr.expand(heads.shape[0], -1), heads, offset), dim=-1)
+            keep = (words >> (32 - _RNG_BITS)) >= threshold  # (heads, ctr, 4) -> positions 4*ctr + w
+            out[s0:s0 + heads.shape[0], 4 * b0:4 * b0 + keep.shape[1] * 4] = keep.reshape(heads.shape[0], -1)
+    return out[:, :n].reshape(bh.numel(), lq, lk)
 
 
 def attention_dropout_mask(
@@ -380,11 +400,13 @@ if HAS_TRITON:
         already broadcast to the tile's shape."""
         pos = offs_i.to(tl.int64) * seqlen_k + offs_j
         z64 = pos * 0
-        c0 = pos.to(tl.uint32)
+        c0 = (pos >> 2).to(tl.uint32)
         c1 = (z64 + bh).to(tl.uint32)
         c2 = (z64 + rng_offset).to(tl.uint32)
-        r0, _, _, _ = tl.philox(seed, c0, c1, c2, c2 * 0)
-        return (r0 >> 8).to(tl.int32) >= threshold
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c2 * 0)
+        w = pos & 3  # position n uses word n % 4 of Philox block n // 4
+        r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+        return (r >> 8).to(tl.int32) >= threshold
 
     @triton.jit
     def _dropout_mask_kernel(OUT, seqlen_q, seqlen_k, threshold, seed, rng_offset,

@@ -421,3 +421,48 @@ def test_cpu_default_path(mask, dtype):
     if "key_padding_mask" in kw:
         assert torch.isneginf(lse[1]).all() and torch.equal(out[1], torch.zeros_like(out[1]))
         assert torch.equal(g[0][1], torch.zeros_like(g[0][1]))
+
+
+def test_bench_suite_has_a_torch_baseline_per_configuration():
+    from turbotune.bench import all_suites
+
+    cases = list(all_suites()["attention"](True, torch.device("cpu")))
+    groups = {}
+    for c in cases:
+        groups.setdefault(c.key(), []).append(c)
+    assert len(groups) == 6  # (nomask, pad50) x (fwd, bwd, fwd+bwd)
+    for key, cs in groups.items():
+        assert sum(c.baseline for c in cs) == 1 and any(c.provider == "turbotune" for c in cs), key
+        assert all(c.work.get("flop", 0) > 0 for c in cs)
+    assert any(c.provider == "turbotune-varlen" for c in cases)
+
+
+# ----------------------------------------------------------------------------- padding helpers
+
+
+def test_unpad_pad_roundtrip_any_mask_and_gradients():
+    b, l = 3, 11
+    mask = torch.tensor([[1] * 11, [0, 1, 1, 0, 1, 0, 0, 0, 0, 0, 1], [0] * 11], dtype=torch.int32)
+    x = torch.randn(b, l, 2, 5, requires_grad=True)
+    packed, idx, cu, mx = unpad_input(x, mask)
+    assert packed.shape == (15, 2, 5) and idx.dtype == torch.int64
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 11, 15, 15] and mx == 11
+    assert torch.equal(packed[11:15], x[1, [1, 2, 4, 10]].detach())  # order kept, holes skipped
+    back = pad_input(packed, idx, b, l)
+    m = mask.bool()
+    assert torch.equal(back[m], x[m].detach()) and torch.equal(back[~m], torch.zeros_like(back[~m]))
+    back.sum().backward()
+    assert torch.equal(x.grad, m.view(b, l, 1, 1).float().expand_as(x))
+
+
+def test_padding_argument_errors():
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="attention_mask must have shape \\(B, L\\) = \\(2, 4\\)"):
+        unpad_input(x, torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attention_mask must be bool or 0/1 integers"):
+        unpad_input(x, torch.ones(2, 4))
+    with pytest.raises(ValueError, match="hidden must be a tensor of shape \\(B, L, ...\\)"):
+        unpad_input(torch.randn(4), torch.ones(2, 4, dtype=torch.bool))
+    packed, idx, _, _ = unpad_input(x, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="indices must be a 1-D tensor with nnz = 8"):
+        pad_input(packed, idx[:3], 2, 4)

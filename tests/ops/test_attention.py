@@ -331,6 +331,24 @@ def test_torch_compile_reference_path():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles the Triton path with inductor on a GPU")
+def test_torch_compile_triton_gpu(triton_backend):
+    torch._dynamo.reset()
+    q, k, v, kw = make_inputs(2, 4, 77, 77, 64, "padding", torch.bfloat16, "cuda", seed=6)
+
+    def f(q, k, v, m):
+        return attention(q, k, v, key_padding_mask=m, dropout_p=0.1, dropout_seed=5).float().square().sum()
+
+    loss = torch.compile(f, fullgraph=True)(q, k, v, kw["key_padding_mask"])
+    g = torch.autograd.grad(loss, (q, k, v))
+    x2 = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref = f(*x2, kw["key_padding_mask"])
+    gref = torch.autograd.grad(ref, x2)
+    assert_close(loss, ref, atol=1e-1, rtol=1e-2, name="compiled loss")
+    for a, r, name in zip(g, gref, ("dq", "dk", "dv")):
+        assert_close(a, r, atol=1e-2, rtol=1e-2, name=name)
+
+
 @pytest.mark.parametrize(
     "mutate,match",
     [

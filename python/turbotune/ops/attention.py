@@ -391,6 +391,10 @@ if HAS_TRITON:
         keep = [c for c in configs if not (d >= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)]
         return keep or configs[:1]
 
+    # The dropout seed/offset must stay runtime integers (Triton turns an int argument equal
+    # to 1 into a compile-time constant, which some versions' tl.philox cannot take as a seed).
+    _NO_SPECIALIZE = ["seed", "rng_offset"]
+
     _AUTOTUNE_KEY = ["q_bucket", "k_bucket", "BLOCK_D", "IS_VARLEN", "HAS_KPM", "HAS_BIAS", "CAUSAL", "HAS_DROPOUT"]
 
     @triton.jit
@@ -408,7 +412,7 @@ if HAS_TRITON:
         r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
         return (r >> 8).to(tl.int32) >= threshold
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _dropout_mask_kernel(OUT, seqlen_q, seqlen_k, threshold, seed, rng_offset,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         bh = tl.program_id(2)
@@ -435,7 +439,7 @@ if HAS_TRITON:
         return q_start, q_len, k_start, k_len
 
     @triton.autotune(configs=_fwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
-    @triton.jit
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _attn_fwd_kernel(
         Q, K, V, O, LSE, KPM, KVLEN, BIAS, CU_Q, CU_K,
         sqb, sqh, sqm, sqd,
@@ -540,7 +544,7 @@ if HAS_TRITON:
         tl.store(DELTA + b * sdb + h * sdh + offs_m * sdm, tl.sum(o * do, 1), mask=offs_m < M)
 
     @triton.autotune(configs=_bwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
-    @triton.jit
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _attn_bwd_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KVLEN, BIAS, CU_Q, CU_K,
         sqb, sqh, sqm, sqd,
@@ -637,7 +641,7 @@ if HAS_TRITON:
                      dv.to(DV.dtype.element_ty), mask=nd_ok)
 
     @triton.autotune(configs=_bwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
-    @triton.jit
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _attn_bwd_dq_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, KPM, KVLEN, BIAS, CU_Q, CU_K,
         sqb, sqh, sqm, sqd,

@@ -18,6 +18,14 @@ from turbotune import backend  # noqa: E402
 from turbotune.data import packaged_model_dir  # noqa: E402
 from turbotune.testing import assert_close  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _fixed_kernel_config(monkeypatch):
+    """One fixed block config per kernel variant instead of autotuning each one: on a GPU this
+    keeps compilation time of the many variants tested here small (on the interpreter both are
+    one config). test_autotuned_launchers covers the autotuned path."""
+    monkeypatch.setenv("TURBOTUNE_AUTOTUNE", "0")
+
 # Module-scoped fixtures cannot use the function-scoped `device` fixture: same rule here.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -14,6 +14,14 @@ from turbotune.ops import attention, attention_dropout_mask, attention_ref, atte
 from turbotune.testing import assert_close
 
 
+@pytest.fixture(autouse=True)
+def _fixed_kernel_config(monkeypatch):
+    """One fixed block config per kernel variant instead of autotuning each one: on a GPU this
+    keeps compilation time of the many variants tested here small (on the interpreter both are
+    one config). test_autotuned_launchers covers the autotuned path."""
+    monkeypatch.setenv("TURBOTUNE_AUTOTUNE", "0")
+
+
 def _inputs(b, h, lq, lk, d, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, h, n, d, generator=g).to(device).requires_grad_() for n in (lq, lk, lk)]

@@ -438,7 +438,6 @@ if HAS_TRITON:
             k_len = seqlen_k
         return q_start, q_len, k_start, k_len
 
-    @triton.autotune(configs=_fwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _attn_fwd_kernel(
         Q, K, V, O, LSE, KPM, KVLEN, BIAS, CU_Q, CU_K,
@@ -543,7 +542,6 @@ if HAS_TRITON:
                      other=0.0).to(tl.float32)
         tl.store(DELTA + b * sdb + h * sdh + offs_m * sdm, tl.sum(o * do, 1), mask=offs_m < M)
 
-    @triton.autotune(configs=_bwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _attn_bwd_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KVLEN, BIAS, CU_Q, CU_K,
@@ -640,7 +638,6 @@ if HAS_TRITON:
             tl.store(DV + b64 * sdvb + h64 * sdvh + (k_start + offs_n[:, None]) * sdvn + offs_d[None, :] * sdvd,
                      dv.to(DV.dtype.element_ty), mask=nd_ok)
 
-    @triton.autotune(configs=_bwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _attn_bwd_dq_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, KPM, KVLEN, BIAS, CU_Q, CU_K,
@@ -726,6 +723,29 @@ if HAS_TRITON:
                      dq.to(DQ.dtype.element_ty), mask=md_ok)
 
 
+    def _tuned(kernel, configs):
+        return triton.autotune(configs=configs, key=_AUTOTUNE_KEY,
+                               prune_configs_by={"early_config_prune": _prune_for_head_dim})(kernel)
+
+    # Autotuned launchers (GPU: several configs; interpreter: one). TURBOTUNE_AUTOTUNE=0 uses
+    # the fixed configs below instead (fewer compilations, e.g. for test runs on a GPU).
+    _attn_fwd_tuned = _tuned(_attn_fwd_kernel, _fwd_configs())
+    _attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv_kernel, _bwd_configs())
+    _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq_kernel, _bwd_configs())
+    _FIXED_FWD = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1 if _INTERPRET else 2)
+    _FIXED_BWD = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1 if _INTERPRET else 2)
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("TURBOTUNE_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _launch(tuned, plain, fixed, grid, *args, **kwargs):
+    if _autotune_enabled():
+        return tuned[grid](*args, **kwargs)
+    return plain[grid](*args, **kwargs, **fixed)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -807,7 +827,8 @@ def _fwd_triton(q, k, v, kpm, bias, dropout_p, causal, scale, seed, offset, cu_q
     def grid(meta):
         return (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)
 
-    _attn_fwd_kernel[grid](
+    _launch(
+        _attn_fwd_tuned, _attn_fwd_kernel, _FIXED_FWD, grid,
         q, k, v, out, lse, kpm_t, kv_len, bias_t, cu_q_t, cu_k_t,
         *qs, *ks, *vs, *os_, *ls, *kpm_s, *bias_s,
         heads, lq, lk, d,
@@ -874,12 +895,16 @@ def _bwd_triton(dout, q, k, v, out, lse, kpm, bias, dropout_p, causal, scale, se
         BLOCK_D=_block_d(d),
     )
     tail = (heads, lq, lk, d, scale * _LOG2E, scale, threshold, dscale, seed, offset, _bucket(lq), _bucket(lk))
-    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * heads)](
+    _launch(
+        _attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, _FIXED_BWD,
+        lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * heads),
         q, k, v, dout, lse, delta, dk, dv, kpm_t, kv_len, bias_t, cu_q_t, cu_k_t,
         *st(q), *st(k), *st(v), *st(dout), *ls, *st(dk), *st(dv), *kpm_s, *bias_s,
         *tail, **common,
     )
-    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)](
+    _launch(
+        _attn_bwd_dq_tuned, _attn_bwd_dq_kernel, _FIXED_BWD,
+        lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads),
         q, k, v, dout, lse, delta, dq, kpm_t, kv_len, bias_t, cu_q_t, cu_k_t,
         *st(q), *st(k), *st(v), *st(dout), *ls, *st(dq), *kpm_s, *bias_s,
         *tail, **common,

@@ -370,7 +370,7 @@ if HAS_TRITON:
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in [
                 (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                (64, 128, 4, 2), (128, 32, 4, 4), (64, 32, 4, 4),
+                (64, 128, 4, 2), (128, 32, 4, 4), (64, 32, 4, 4), (32, 32, 4, 1),
             ]
         ]
 
@@ -381,7 +381,7 @@ if HAS_TRITON:
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in [
                 (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2),
-                (32, 128, 4, 2), (64, 32, 4, 3), (16, 64, 4, 3),
+                (32, 128, 4, 2), (64, 32, 4, 3), (16, 64, 4, 3), (32, 32, 4, 1),
             ]
         ]
 
@@ -732,8 +732,15 @@ if HAS_TRITON:
     _attn_fwd_tuned = _tuned(_attn_fwd_kernel, _fwd_configs())
     _attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv_kernel, _bwd_configs())
     _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq_kernel, _bwd_configs())
-    _FIXED_FWD = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1 if _INTERPRET else 2)
-    _FIXED_BWD = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1 if _INTERPRET else 2)
+
+
+def _fixed_config(dtype: torch.dtype, block_d: int) -> dict:
+    """The block config used when autotuning is off: small enough for any GPU's shared memory."""
+    if _INTERPRET:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
+    if block_d * (4 if dtype == torch.float32 else 2) > 256:  # fp32 D > 64, or D > 128
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
 def _autotune_enabled() -> bool:
@@ -828,7 +835,7 @@ def _fwd_triton(q, k, v, kpm, bias, dropout_p, causal, scale, seed, offset, cu_q
         return (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)
 
     _launch(
-        _attn_fwd_tuned, _attn_fwd_kernel, _FIXED_FWD, grid,
+        _attn_fwd_tuned, _attn_fwd_kernel, _fixed_config(q.dtype, _block_d(d)), grid,
         q, k, v, out, lse, kpm_t, kv_len, bias_t, cu_q_t, cu_k_t,
         *qs, *ks, *vs, *os_, *ls, *kpm_s, *bias_s,
         heads, lq, lk, d,
@@ -896,14 +903,14 @@ def _bwd_triton(dout, q, k, v, out, lse, kpm, bias, dropout_p, causal, scale, se
     )
     tail = (heads, lq, lk, d, scale * _LOG2E, scale, threshold, dscale, seed, offset, _bucket(lq), _bucket(lk))
     _launch(
-        _attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, _FIXED_BWD,
+        _attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, _fixed_config(q.dtype, _block_d(d)),
         lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * heads),
         q, k, v, dout, lse, delta, dk, dv, kpm_t, kv_len, bias_t, cu_q_t, cu_k_t,
         *st(q), *st(k), *st(v), *st(dout), *ls, *st(dk), *st(dv), *kpm_s, *bias_s,
         *tail, **common,
     )
     _launch(
-        _attn_bwd_dq_tuned, _attn_bwd_dq_kernel, _FIXED_BWD,
+        _attn_bwd_dq_tuned, _attn_bwd_dq_kernel, _fixed_config(q.dtype, _block_d(d)),
         lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads),
         q, k, v, dout, lse, delta, dq, kpm_t, kv_len, bias_t, cu_q_t, cu_k_t,
         *st(q), *st(k), *st(v), *st(dout), *ls, *st(dq), *kpm_s, *bias_s,

@@ -506,3 +506,54 @@ def test_padding_argument_errors():
     packed, idx, _, _ = unpad_input(x, torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="indices must be a 1-D tensor with nnz = 8"):
         pad_input(packed, idx[:3], 2, 4)
+
+
+AOT_SCRIPT = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import turbotune.ops.attention  # noqa: F401
+A = sys.modules["turbotune.ops.attention"]
+POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "KVLEN": "*i32", "CU_Q": "*i32", "CU_K": "*i32"}
+SCALARS = {"qk_scale": "fp32", "sm_scale": "fp32", "dropout_scale": "fp32", "seed": "i64"}
+
+def build(fn, dt, constexprs, **opts):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in SCALARS:
+            sig[name] = SCALARS[name]
+        elif name[0].isupper() and name not in ("H", "M"):
+            sig[name] = POINTERS.get(name, "*" + dt)
+        else:
+            sig[name] = "i32"
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+for dt, flags in (("bf16", (False, True, True, True, True)), ("fp32", (True, False, False, True, True))):
+    names = ("IS_VARLEN", "HAS_KPM", "HAS_BIAS", "CAUSAL", "HAS_DROPOUT")
+    ce = dict(zip(names, flags), DOT_F32=dt == "fp32", DOT_PREC="ieee" if dt == "fp32" else "tf32", BLOCK_D=64)
+    build(A._attn_fwd_kernel, dt, dict(ce, BLOCK_M=128, BLOCK_N=64), num_warps=4, num_stages=3)
+    build(A._attn_bwd_dkdv_kernel, dt, dict(ce, BLOCK_M=32, BLOCK_N=128), num_warps=4, num_stages=2)
+    build(A._attn_bwd_dq_kernel, dt, dict(ce, BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=2)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every kernel is compiled for real by the other tests")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter accepts code the GPU compiler rejects: compile the attention kernels
+    (bf16 with every mask + dropout, fp32 varlen causal dropout) to sm_90 cubins in a
+    subprocess without TRITON_INTERPRET."""
+    import os
+    import subprocess
+    import sys
+
+    nvidia = pytest.importorskip("triton.backends.nvidia")
+    assert nvidia is not None
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-4000:]

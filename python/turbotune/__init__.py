@@ -5,6 +5,8 @@ Public API (everything else is internal):
 - :mod:`turbotune.ops`  fused kernels (``layer_norm``, ...) as ``torch.library`` ops
 - :mod:`turbotune.nn`   drop-in modules (``LayerNorm``)
 - :mod:`turbotune.optim`  fused mixed-precision ``AdamW`` and ``clip_grad_norm_``
+- :mod:`turbotune.padding`  ``unpad_input`` / ``pad_input`` for varlen attention
+- :mod:`turbotune.models`   ``register_hf_attention()``: ``attn_implementation="turbotune"``
 - :mod:`turbotune.backend`  which implementation runs where, ``TURBOTUNE_BACKEND``
 - :mod:`turbotune.bench`    the benchmark harness behind ``turbotune bench``
 """
@@ -12,6 +14,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import backend, nn, ops, optim  # noqa: E402
+from . import backend, models, nn, ops, optim, padding  # noqa: E402
 
-__all__ = ["__version__", "backend", "ops", "nn", "optim"]
+__all__ = ["__version__", "backend", "ops", "nn", "optim", "padding", "models"]

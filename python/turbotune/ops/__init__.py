@@ -1,6 +1,15 @@
 """Fused kernels. Each op lives in its own module with its PyTorch reference,
 its Triton kernels, its launcher and its ``torch.library`` registration
 (namespace ``turbotune``)."""
+from .attention import attention, attention_dropout_mask, attention_ref, attention_varlen, attention_varlen_ref
 from .layer_norm import layer_norm, layer_norm_ref
 
-__all__ = ["layer_norm", "layer_norm_ref"]
+__all__ = [
+    "attention",
+    "attention_dropout_mask",
+    "attention_ref",
+    "attention_varlen",
+    "attention_varlen_ref",
+    "layer_norm",
+    "layer_norm_ref",
+]

@@ -84,6 +84,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(f"turbotune bench: unknown suite(s) {', '.join(unknown)}; available: {', '.join(available)}",
                   file=sys.stderr)
             return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"turbotune bench: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     rows = bench.run(names, quick=args.quick, progress=not args.no_progress)
     paths = bench.write_results(rows, args.out)
     print(bench.markdown_table(rows), end="")
@@ -106,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--only", action="append", metavar="NAME", help="run only this suite (repeatable)")
     sp.add_argument("--out", default="turbotune-bench", metavar="DIR",
                     help="where bench.json and bench.md are written (default: ./turbotune-bench)")
+    sp.add_argument("--threads", type=int, metavar="N",
+                    help="CPU threads for torch (default: torch's choice; 1 gives steadier numbers on a busy machine)")
     sp.add_argument("--list", action="store_true", help="list the available suites and exit")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=_cmd_bench)

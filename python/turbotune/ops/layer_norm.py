@@ -310,6 +310,9 @@ class _LayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, eps):
         y, s, mean, rstd = _forward_impl(x, weight, bias, residual, eps)
         _save(ctx, x, weight, bias, residual, s, mean, rstd)
+        # An unused output (often s) then arrives as None instead of a zero
+        # tensor that the backward would have to read and add.
+        ctx.set_materialize_grads(False)
         return y, s
 
     @staticmethod

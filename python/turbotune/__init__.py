@@ -6,11 +6,12 @@ Public API (everything else is internal):
 - :mod:`turbotune.nn`   drop-in modules (``LayerNorm``)
 - :mod:`turbotune.backend`  which implementation runs where, ``TURBOTUNE_BACKEND``
 - :mod:`turbotune.bench`    the benchmark harness behind ``turbotune bench``
+- :mod:`turbotune.tokenizers`  C++ WordPiece ``BertTokenizer`` with the Hugging Face API
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import backend, nn, ops  # noqa: E402
+from . import backend, nn, ops, tokenizers  # noqa: E402
 
-__all__ = ["__version__", "backend", "ops", "nn"]
+__all__ = ["__version__", "backend", "ops", "nn", "tokenizers"]

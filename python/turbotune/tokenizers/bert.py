@@ -463,6 +463,11 @@ class BertTokenizer:
                     f"'do_not_truncate', got {truncation!r}")
         if max_length is None and (trunc or pad == 2):
             max_length = self.model_max_length
+        if trunc and pad and pad_to_multiple_of is not None and max_length is not None \
+                and max_length % pad_to_multiple_of != 0:
+            raise ValueError(
+                f"Truncation and padding are both activated but truncation length ({max_length}) is not a "
+                f"multiple of pad_to_multiple_of ({pad_to_multiple_of}).")
         return pad, trunc, max_length
 
     def __call__(

@@ -11,7 +11,12 @@ occur in UTF-8 text):
 
 * ``clean_text``: is the code point removed, or replaced by a space?
 * ``handle_chinese_chars``: is it padded with spaces (a "CJK" character)?
-* ``strip_accents`` alone (NFD, then drop Mn): what does it become?
+* ``strip_accents`` alone (NFD, then drop Mn): the NFD decomposition
+  (``tokenizers.normalizers.NFD``), which characters are dropped (Mn), and the
+  canonical combining class of every combining character, found by asking NFD
+  whether it reorders the character against one reference character per class
+  (NFD's canonical reordering moves offsets positionally, which the C++ core
+  must reproduce)
 * ``lowercase`` alone: what does it become?
 * ``BertPreTokenizer`` on ``"a" + c + "a"``: whitespace (dropped) or punctuation (isolated)?
 
@@ -28,7 +33,7 @@ import os
 import sys
 
 import tokenizers
-from tokenizers.normalizers import BertNormalizer
+from tokenizers.normalizers import NFD, BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 
 # Flag bits, mirrored in csrc/tokenizer/unicode_tables.h.
@@ -37,22 +42,73 @@ CLEAN_WS = 2  # clean_text turns it into ' '
 CJK = 4  # handle_chinese_chars surrounds it with spaces
 PRE_WS = 8  # the pre-tokenizer treats it as whitespace
 PRE_PUNCT = 16  # the pre-tokenizer isolates it as punctuation
-HAS_STRIP = 32  # strip_accents changes it (see the strip map)
+HAS_NFD = 32  # NFD decomposes it (see the NFD map)
 HAS_LOWER = 64  # lowercase changes it (see the lower map)
+MARK = 128  # dropped by strip_accents (Mn) and/or has a non-zero combining class (see the mark map)
 
 N = 0x110000
 BLOCK = 256
+
+
+def probe_ccc(nfd, atomic):
+    """{cp: combining class} as HF's NFD sees it, for the characters that have one."""
+    import unicodedata
+
+    by_class = {}
+    for cp in range(N):
+        if 0xD800 <= cp <= 0xDFFF or cp not in atomic:
+            continue
+        v = unicodedata.combining(chr(cp))
+        if v:
+            by_class.setdefault(v, []).append(cp)
+    # One reference character per class that NFD reorders consistently against the
+    # others (characters newer than HF's Unicode data are starters there: skipped).
+    refs = {}
+    for v, cps in sorted(by_class.items()):
+        for cp in cps:
+            ok = True
+            for w, other in refs.items():
+                a, b = chr(other), chr(cp)
+                swapped = nfd.normalize_str(b + a) != b + a  # b first: reordered iff ccc(b) > ccc(a)
+                if swapped != (v > w):
+                    ok = False
+                    break
+            if ok:
+                refs[v] = cp
+                break
+    out = {}
+    for cp in range(N):
+        if 0xD800 <= cp <= 0xDFFF or cp not in atomic or not unicodedata.combining(chr(cp)):
+            continue
+        c = chr(cp)
+        lower_than, equal = [], []
+        for v, r in refs.items():
+            rc = chr(r)
+            after = nfd.normalize_str(rc + c) != rc + c  # reordered: ccc(ref) > ccc(c)
+            before = nfd.normalize_str(c + rc) != c + rc  # reordered: ccc(c) > ccc(ref)
+            if not after and not before:
+                equal.append(v)
+            elif after:
+                lower_than.append(v)
+        if len(equal) == len(refs):
+            continue  # a starter (class 0) for HF: never reordered
+        if len(equal) != 1:
+            raise AssertionError(f"cannot determine the combining class of U+{cp:04X}: {equal}")
+        out[cp] = equal[0]
+    return out
 
 
 def probe():
     clean = BertNormalizer(clean_text=True, handle_chinese_chars=False, strip_accents=False, lowercase=False)
     chinese = BertNormalizer(clean_text=False, handle_chinese_chars=True, strip_accents=False, lowercase=False)
     strip = BertNormalizer(clean_text=False, handle_chinese_chars=False, strip_accents=True, lowercase=False)
+    nfd = NFD()
     lower = BertNormalizer(clean_text=False, handle_chinese_chars=False, strip_accents=False, lowercase=True)
     pre = BertPreTokenizer()
     flags = bytearray(N)
-    strip_map = {}
+    nfd_map = {}
     lower_map = {}
+    stripped = {}
     for cp in range(N):
         if 0xD800 <= cp <= 0xDFFF:
             continue
@@ -70,10 +126,13 @@ def probe():
             f |= CJK
         elif s != c:
             raise AssertionError(f"handle_chinese_chars maps U+{cp:04X} to {s!r}: unsupported")
+        s = nfd.normalize_str(c)
+        if s != c:
+            f |= HAS_NFD
+            nfd_map[cp] = s
         s = strip.normalize_str(c)
         if s != c:
-            f |= HAS_STRIP
-            strip_map[cp] = s
+            stripped[cp] = s
         s = lower.normalize_str(c)
         if s != c:
             f |= HAS_LOWER
@@ -86,10 +145,25 @@ def probe():
         elif parts != ["a" + c + "a"]:
             raise AssertionError(f"pre-tokenizer splits 'a'+U+{cp:04X}+'a' as {parts!r}: unsupported")
         flags[cp] = f
-    return flags, strip_map, lower_map
+    atomic = {cp for cp in range(N) if not 0xD800 <= cp <= 0xDFFF and cp not in nfd_map}
+    ccc = probe_ccc(nfd, atomic)
+    mn = {cp for cp in atomic if stripped.get(cp) == ""}
+    marks = {}
+    for cp in sorted(mn | set(ccc)):
+        flags[cp] |= MARK
+        marks[cp] = (ccc.get(cp, 0), 1 if cp in mn else 0)
+    # strip_accents(c) must be NFD(c) without its Mn characters, character by character.
+    for cp in range(N):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        want = stripped.get(cp, chr(cp))
+        got = "".join(d for d in nfd_map.get(cp, chr(cp)) if ord(d) not in mn)
+        if want != got:
+            raise AssertionError(f"strip_accents(U+{cp:04X}) = {want!r} is not NFD minus Mn ({got!r}): unsupported")
+    return flags, nfd_map, lower_map, marks
 
 
-def emit(flags, strip_map, lower_map) -> str:
+def emit(flags, nfd_map, lower_map, marks) -> str:
     # Two-stage table: block index (cp >> 8) -> deduplicated 256-entry block of flags.
     blocks = []
     block_ids = {}
@@ -117,7 +191,13 @@ def emit(flags, strip_map, lower_map) -> str:
         w(", ".join(str(x) for x in blk))
         w("},\n")
     w("};\n\n")
-    for name, mp in (("Strip", strip_map), ("Lower", lower_map)):
+    w(f"const MarkEntry kMarkMap[{len(marks)}] = {{\n")
+    items = sorted(marks.items())
+    for i in range(0, len(items), 8):
+        w("  " + " ".join(f"{{{cp}, {c}, {m}}}," for cp, (c, m) in items[i:i + 8]) + "\n")
+    w("};\n")
+    w(f"const size_t kMarkMapSize = {len(marks)};\n\n")
+    for name, mp in (("Nfd", nfd_map), ("Lower", lower_map)):
         pool = []
         entries = []
         for cp in sorted(mp):

@@ -157,7 +157,7 @@ Tokenizer::Tokenizer(std::vector<std::string> vocab, Options options, std::vecto
     if (options_.clean_text && (f & kRemove)) act = 3;
     else if (options_.clean_text && (f & kCleanWs)) act = 1;
     else if (options_.handle_chinese_chars && (f & kCjk)) act = 4;
-    else if (options_.strip_accents && (f & kHasStrip)) act = 4;
+    else if (options_.strip_accents && (f & (kHasNfd | kMark))) act = 4;
     else {
       uint32_t m = uint32_t(c);
       if (options_.lowercase && (f & kHasLower)) {
@@ -189,44 +189,98 @@ inline void Tokenizer::push_cp(Scratch& s, uint32_t cp, int32_t start, int32_t e
   ++s.nchars;
 }
 
-// One character after clean_text / CJK handling: strip accents, lowercase, then
-// let the pre-tokenizer classify each resulting character.
-inline void Tokenizer::emit_normalized(Scratch& s, Sink out, uint32_t cp, int32_t start, int32_t end) const {
-  uint32_t stripped_buf[1] = {cp};
-  const uint32_t* seq = stripped_buf;
-  uint32_t nseq = 1;
-  if (options_.strip_accents && (unicode_flags(cp) & kHasStrip)) {
-    const MapEntry* e = find_mapping(kStripMap, kStripMapSize, cp);
+// Lowercase one character, then let the pre-tokenizer classify each result.
+inline void Tokenizer::lower_classify(Scratch& s, Sink out, uint32_t c, int32_t start, int32_t end) const {
+  const uint32_t* lseq = &c;
+  uint32_t nl = 1;
+  if (options_.lowercase && (unicode_flags(c) & kHasLower)) {
+    const MapEntry* e = find_mapping(kLowerMap, kLowerMapSize, c);
     if (e) {
-      seq = kStripPool + e->offset;
-      nseq = e->len;
+      lseq = kLowerPool + e->offset;
+      nl = e->len;
     }
   }
-  for (uint32_t i = 0; i < nseq; ++i) {
-    uint32_t c = seq[i];
-    const uint32_t* lseq = &c;
-    uint32_t nl = 1;
-    if (options_.lowercase && (unicode_flags(c) & kHasLower)) {
-      const MapEntry* e = find_mapping(kLowerMap, kLowerMapSize, c);
-      if (e) {
-        lseq = kLowerPool + e->offset;
-        nl = e->len;
-      }
-    }
-    for (uint32_t j = 0; j < nl; ++j) {
-      uint32_t d = lseq[j];
-      uint8_t g = unicode_flags(d);
-      if (g & kPreWs) {
-        flush_word(s, out);
-      } else if (g & kPrePunct) {
-        flush_word(s, out);
-        push_cp(s, d, start, end);
-        flush_word(s, out);
-      } else {
-        push_cp(s, d, start, end);
-      }
+  for (uint32_t j = 0; j < nl; ++j) {
+    uint32_t d = lseq[j];
+    uint8_t g = unicode_flags(d);
+    if (g & kPreWs) {
+      flush_word(s, out);
+    } else if (g & kPrePunct) {
+      flush_word(s, out);
+      push_cp(s, d, start, end);
+      flush_word(s, out);
+    } else {
+      push_cp(s, d, start, end);
     }
   }
+}
+
+// strip_accents for one character of the NFD decomposition.
+inline void Tokenizer::strip_char(Scratch& s, Sink out, uint32_t d, bool inserted, int32_t start,
+                                  int32_t end) const {
+  if (unicode_flags(d) & kMark) {
+    const MarkEntry* m = find_mark(d);
+    if (m && m->ccc) {
+      if (s.run.empty()) {
+        if (inserted) {
+          s.run_prev_start = start;
+          s.run_prev_end = end;
+        } else {
+          s.run_prev_start = s.last_start;
+          s.run_prev_end = s.last_end;
+        }
+      }
+      s.run.push_back({d, m->ccc, m->mn, uint8_t(inserted), start, end});
+      return;
+    }
+    if (!s.run.empty()) flush_run(s, out);
+    if (m && m->mn) return;
+  } else if (!s.run.empty()) {
+    flush_run(s, out);
+  }
+  lower_classify(s, out, d, start, end);
+}
+
+void Tokenizer::flush_run(Scratch& s, Sink out) const {
+  bool survivor = false;
+  for (const auto& r : s.run) survivor |= !r.mn;
+  if (survivor) {
+    s.sorted_run = s.run;
+    std::stable_sort(s.sorted_run.begin(), s.sorted_run.end(),
+                     [](const Scratch::RunChar& x, const Scratch::RunChar& y) { return x.ccc < y.ccc; });
+    // Consumed sources in their original order; inserted characters take the
+    // alignment of the source consumed before them.
+    size_t next_src = 0;
+    int32_t ps = s.run_prev_start, pe = s.run_prev_end;
+    for (size_t p = 0; p < s.sorted_run.size(); ++p) {
+      const Scratch::RunChar& e = s.sorted_run[p];
+      if (!e.inserted) {
+        while (next_src < s.run.size() && s.run[next_src].inserted) ++next_src;
+        ps = s.run[next_src].start;
+        pe = s.run[next_src].end;
+        ++next_src;
+      }
+      if (!e.mn) lower_classify(s, out, e.cp, ps, pe);
+    }
+  }
+  s.run.clear();
+}
+
+// One character after clean_text / CJK handling: strip accents (NFD, drop Mn),
+// lowercase, then let the pre-tokenizer classify each resulting character.
+inline void Tokenizer::emit_normalized(Scratch& s, Sink out, uint32_t cp, int32_t start, int32_t end) const {
+  if (!options_.strip_accents) {
+    lower_classify(s, out, cp, start, end);
+    return;
+  }
+  if (unicode_flags(cp) & kHasNfd) {
+    const MapEntry* e = find_mapping(kNfdMap, kNfdMapSize, cp);
+    if (e) {
+      for (uint32_t i = 0; i < e->len; ++i) strip_char(s, out, kNfdPool[e->offset + i], i > 0, start, end);
+      return;
+    }
+  }
+  strip_char(s, out, cp, false, start, end);
 }
 
 size_t Tokenizer::match_special(const char* p, size_t left, int32_t* id, int32_t* nchars) const {
@@ -297,6 +351,8 @@ void Tokenizer::encode(const char* text, size_t len, Scratch& s, Sink out) const
   s.bstart.clear();
   s.bend.clear();
   s.nchars = 0;
+  s.run.clear();
+  s.last_start = s.last_end = 0;
   int32_t ci = 0;  // index of the current code point in the original string
   const bool clean = options_.clean_text, chinese = options_.handle_chinese_chars;
   const bool have_specials = !specials_.empty();
@@ -306,6 +362,7 @@ void Tokenizer::encode(const char* text, size_t len, Scratch& s, Sink out) const
       int32_t id, nch;
       size_t m = match_special(reinterpret_cast<const char*>(p), size_t(end - p), &id, &nch);
       if (m) {
+        if (!s.run.empty()) flush_run(s, out);
         flush_word(s, out);
         out.ids->push_back(id);
         if (out.offsets) {
@@ -314,10 +371,12 @@ void Tokenizer::encode(const char* text, size_t len, Scratch& s, Sink out) const
         }
         p += m;
         ci += nch;
+        s.last_start = s.last_end = ci;
         continue;
       }
     }
     if (c < 0x80) {
+      if (!s.run.empty() && ascii_action_[c] != 3) flush_run(s, out);
       switch (ascii_action_[c]) {
         case 0:
           s.word.push_back(ascii_map_[c]);
@@ -341,6 +400,10 @@ void Tokenizer::encode(const char* text, size_t len, Scratch& s, Sink out) const
         default:
           emit_normalized(s, out, c, ci, ci + 1);
       }
+      if (ascii_action_[c] != 3) {
+        s.last_start = ci;
+        s.last_end = ci + 1;
+      }
       ++p;
       ++ci;
       continue;
@@ -349,16 +412,23 @@ void Tokenizer::encode(const char* text, size_t len, Scratch& s, Sink out) const
     const uint8_t f = unicode_flags(cp);
     if (clean && (f & kRemove)) {
     } else if (clean && (f & kCleanWs)) {
+      if (!s.run.empty()) flush_run(s, out);
       flush_word(s, out);
     } else if (chinese && (f & kCjk)) {
+      if (!s.run.empty()) flush_run(s, out);
       flush_word(s, out);
       emit_normalized(s, out, cp, ci, ci + 1);
       flush_word(s, out);
     } else {
       emit_normalized(s, out, cp, ci, ci + 1);
     }
+    if (!(clean && (f & kRemove))) {
+      s.last_start = ci;
+      s.last_end = ci + 1;
+    }
     ++ci;
   }
+  if (!s.run.empty()) flush_run(s, out);
   flush_word(s, out);
 }
 
@@ -486,9 +556,6 @@ void finalize(const EncodeParams& params, EncodedBatch& batch) {
   if (truncate && params.max_length < added)
     throw std::invalid_argument("max_length: " + std::to_string(params.max_length) + " is shorter than the " +
                                 std::to_string(added) + " special tokens that must be added");
-  if (params.truncation == Truncation::kOnlySecond && truncate && !pair)
-    throw std::invalid_argument(
-        "truncation: 'only_second' needs text pairs (Truncation error: Second sequence not provided)");
   const int64_t limit = params.max_length - added;
   int64_t longest = 0;
   for (size_t i = 0; i < n; ++i) {
@@ -517,6 +584,9 @@ void finalize(const EncodeParams& params, EncodedBatch& batch) {
             n1 = limit;
           }
         } else {
+          if (params.truncation == Truncation::kOnlySecond && !pair)
+            throw std::invalid_argument("Truncation error: Second sequence not provided (row " + std::to_string(i) +
+                                        " is too long and truncation='only_second' needs a text pair)");
           int64_t& target = params.truncation == Truncation::kOnlyFirst ? n1 : n2;
           if (target > to_remove) {
             target -= to_remove;

@@ -64,6 +64,21 @@ struct Scratch {
   std::vector<int32_t> bstart;    // per byte: start of the original character (code point index)
   std::vector<int32_t> bend;      // per byte: end of the original character
   int32_t nchars = 0;             // characters in the word
+  // strip_accents: pending run of characters with a non-zero combining class,
+  // canonically reordered (stable sort by class, offsets stay with positions)
+  // before the Mn ones are dropped, as NFD does.
+  // Like HF's alignment tracking, the first character of a decomposition
+  // "consumes" its source character (change 0) and the others are "inserted"
+  // (change +1, aligned with the previously consumed source character); the
+  // reordering moves these roles with the characters.
+  struct RunChar {
+    uint32_t cp;
+    uint8_t ccc, mn, inserted;
+    int32_t start, end;  // the source character
+  };
+  std::vector<RunChar> run, sorted_run;
+  int32_t run_prev_start = 0, run_prev_end = 0;  // source consumed just before the run
+  int32_t last_start = 0, last_end = 0;          // last source character seen
 };
 
 // Output of one encoded text: token ids and, optionally, (start, end) offsets
@@ -93,6 +108,9 @@ class Tokenizer {
   void flush_word(Scratch& s, Sink out) const;
   inline void push_cp(Scratch& s, uint32_t cp, int32_t start, int32_t end) const;
   inline void emit_normalized(Scratch& s, Sink out, uint32_t cp, int32_t start, int32_t end) const;
+  inline void lower_classify(Scratch& s, Sink out, uint32_t cp, int32_t start, int32_t end) const;
+  inline void strip_char(Scratch& s, Sink out, uint32_t cp, bool inserted, int32_t start, int32_t end) const;
+  void flush_run(Scratch& s, Sink out) const;
   size_t match_special(const char* p, size_t left, int32_t* id, int32_t* nchars) const;
 
   std::vector<std::string> vocab_;

@@ -15,8 +15,15 @@ enum UnicodeFlag : uint8_t {
   kCjk = 4,        // handle_chinese_chars puts spaces around it
   kPreWs = 8,      // BertPreTokenizer: whitespace (splits, dropped)
   kPrePunct = 16,  // BertPreTokenizer: punctuation (isolated)
-  kHasStrip = 32,  // strip_accents (NFD, drop Mn) changes it: see kStripMap
+  kHasNfd = 32,    // NFD decomposes it: see kNfdMap (strip_accents = NFD, then drop Mn)
   kHasLower = 64,  // lowercase changes it: see kLowerMap
+  kMark = 128,     // Mn (dropped by strip_accents) and/or non-zero combining class: see kMarkMap
+};
+
+struct MarkEntry {
+  uint32_t cp;
+  uint8_t ccc;  // canonical combining class as HF's NFD applies it (0: never reordered)
+  uint8_t mn;   // 1: general category Mn, dropped by strip_accents
 };
 
 struct MapEntry {
@@ -28,9 +35,11 @@ struct MapEntry {
 extern const char* const kUnicodeTablesSource;
 extern const uint16_t kFlagIndex[0x110000 >> 8];
 extern const uint8_t kFlagBlocks[][256];
-extern const uint32_t kStripPool[];
-extern const MapEntry kStripMap[];
-extern const size_t kStripMapSize;
+extern const uint32_t kNfdPool[];
+extern const MapEntry kNfdMap[];
+extern const size_t kNfdMapSize;
+extern const MarkEntry kMarkMap[];
+extern const size_t kMarkMapSize;
 extern const uint32_t kLowerPool[];
 extern const MapEntry kLowerMap[];
 extern const size_t kLowerMapSize;
@@ -47,6 +56,15 @@ inline const MapEntry* find_mapping(const MapEntry* map, size_t n, uint32_t cp) 
     if (map[mid].cp < cp) lo = mid + 1; else hi = mid;
   }
   return (lo < n && map[lo].cp == cp) ? &map[lo] : nullptr;
+}
+
+inline const MarkEntry* find_mark(uint32_t cp) {
+  size_t lo = 0, hi = kMarkMapSize;
+  while (lo < hi) {
+    size_t mid = (lo + hi) >> 1;
+    if (kMarkMap[mid].cp < cp) lo = mid + 1; else hi = mid;
+  }
+  return (lo < kMarkMapSize && kMarkMap[lo].cp == cp) ? &kMarkMap[lo] : nullptr;
 }
 
 }  // namespace tok

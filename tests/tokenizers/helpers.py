@@ -24,6 +24,6 @@ def assert_same(ours, ref, keys=KEYS, texts=None):
             if isinstance(a, list) and a and isinstance(a[0], list) and len(a) == len(b):
                 for i, (x, y) in enumerate(zip(a, b)):
                     if x != y:
-                        text = texts[i] if texts is not None and i < len(texts) else None
-                        raise AssertionError(f"{k} differs at row {i} (text {text!r}):\nours {x}\nhf   {y}")
-            raise AssertionError(f"{k} differs:\nours {a}\nhf   {b}")
+                        text = texts[i] if texts is not None and len(texts) == len(a) else texts
+                        raise AssertionError(f"{k} differs at row {i} (text {ascii(text)}):\nours {x}\nhf   {y}")
+            raise AssertionError(f"{k} differs (texts {ascii(texts)}):\nours {a}\nhf   {b}")

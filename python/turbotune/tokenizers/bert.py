@@ -417,7 +417,8 @@ class BertTokenizer:
         if isinstance(text, str):
             if text_pair is not None and not isinstance(text_pair, str):
                 raise TypeError(f"text_pair: expected str when text is a str, got {type(text_pair).__name__}")
-            return [text], (None if text_pair is None else [text_pair]), False
+            # Like transformers, an empty text_pair for a single text means "no pair".
+            return [text], ([text_pair] if text_pair else None), False
         if not isinstance(text, (list, tuple)):
             raise TypeError(f"text: expected str, list of str or list of (str, str) pairs, got {type(text).__name__}")
         if text_pair is None:

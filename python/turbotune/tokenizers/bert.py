@@ -130,6 +130,10 @@ class BertTokenizer:
                     raise TypeError(f"vocab[{i}]: expected str, got {type(t).__name__}")
         else:
             raise TypeError(f"vocab: expected a path, a list of tokens or a dict token->id, got {type(vocab).__name__}")
+        if not tokens:
+            raise ValueError("vocab: expected at least one token, got an empty vocabulary")
+        if not isinstance(unk_token, str) or not unk_token:
+            raise ValueError(f"unk_token: WordPiece needs an unknown token (a str in the vocabulary), got {unk_token!r}")
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side: expected 'right' or 'left', got {padding_side!r}")
         if truncation_side not in ("right", "left"):

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -150,6 +151,30 @@ class PyTokenizer {
     return d;
   }
 
+  // (ids int32 [total], row_splits int64 [n + 1]); ids is a view of the C++ buffer (no copy).
+  py::tuple encode_ragged(const py::sequence& texts, bool add_special_tokens, int cls_id, int sep_id,
+                          int num_threads) {
+    Views a;
+    std::vector<py::object> keep;
+    utf8_views(texts, "text", a, keep);
+    if (add_special_tokens && (cls_id < 0 || sep_id < 0))
+      throw py::value_error("add_special_tokens needs [CLS] and [SEP] in the vocabulary");
+    num_threads = num_threads < 1 ? 1 : num_threads;
+    auto pl = pool(num_threads);
+    auto* ids = new std::vector<int32_t>();
+    py::capsule owner(ids, [](void* p) { delete static_cast<std::vector<int32_t>*>(p); });
+    std::vector<int64_t> splits;
+    {
+      py::gil_scoped_release nogil;
+      tok::encode_ragged(*tok_, a, add_special_tokens ? cls_id : -1, add_special_tokens ? sep_id : -1, num_threads,
+                         pl.get(), *ids, splits);
+    }
+    py::array_t<int32_t> arr({py::ssize_t(ids->size())}, {py::ssize_t(sizeof(int32_t))}, ids->data(), owner);
+    py::array_t<int64_t> rs(py::ssize_t(splits.size()));
+    std::memcpy(rs.mutable_data(), splits.data(), splits.size() * sizeof(int64_t));
+    return py::make_tuple(arr, rs);
+  }
+
   int vocab_size() const { return int(tok_->vocab().size()); }
   int token_to_id(const std::string& t) const { return tok_->token_to_id(t); }
 
@@ -179,6 +204,10 @@ void bind_tokenizer(py::module_& m) {
            py::arg("return_special_tokens_mask") = false, py::arg("num_threads") = 1,
            "Encode a list of str (and optional pairs). Returns flat int64 arrays (rows back to back, see "
            "'width') plus 'length' (tokens per row before padding), 'width' and 'uniform'.")
+      .def("encode_ragged", &PyTokenizer::encode_ragged, py::arg("texts"), py::kw_only(),
+           py::arg("add_special_tokens") = true, py::arg("cls_id") = -1, py::arg("sep_id") = -1,
+           py::arg("num_threads") = 1,
+           "Raw encoding: (ids int32 [total], row_splits int64 [n + 1]), no padding or truncation.")
       .def_property_readonly("vocab_size", &PyTokenizer::vocab_size)
       .def("token_to_id", &PyTokenizer::token_to_id);
   m.attr("unicode_tables_source") = tok::kUnicodeTablesSource;

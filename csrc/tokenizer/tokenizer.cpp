@@ -69,6 +69,37 @@ int32_t Trie::walk(const std::string& s) const {
   return node;
 }
 
+void WordTable::build(const std::vector<std::string>& tokens, const std::string& prefix, bool strip_prefix) {
+  size_t n = 0;
+  for (const auto& t : tokens) n += !strip_prefix || (!prefix.empty() && t.compare(0, prefix.size(), prefix) == 0);
+  size_t cap = 16;
+  while (cap < n * 2 + 16) cap <<= 1;
+  mask_ = cap - 1;
+  slots_.assign(cap, Slot{0, -1, 0, 0, 0});
+  pool_.clear();
+  for (size_t id = 0; id < tokens.size(); ++id) {
+    const std::string& t = tokens[id];
+    std::string key;
+    if (strip_prefix) {
+      if (prefix.empty() || t.compare(0, prefix.size(), prefix) != 0) continue;
+      key = t.substr(prefix.size());
+    } else {
+      key = t;
+    }
+    if (key.empty() || key.size() > 0xFFFF) continue;
+    std::string padded = key + std::string(8, '\0');
+    const uint8_t* kp = reinterpret_cast<const uint8_t*>(padded.data());
+    if (find(kp, key.size()) >= 0) continue;  // first id wins (duplicates are rejected earlier)
+    uint64_t head = 0;
+    std::memcpy(&head, kp, std::min<size_t>(8, key.size()));
+    const uint64_t h = hash(kp, key.size());
+    size_t i = size_t(h >> 20) & mask_;
+    while (slots_[i].id >= 0) i = (i + 1) & mask_;
+    slots_[i] = Slot{head, int32_t(id), uint32_t(pool_.size()), uint16_t(key.size()), uint16_t(h)};
+    pool_ += key;
+  }
+}
+
 // ---------------------------------------------------------------- utf-8
 namespace {
 
@@ -136,6 +167,8 @@ Tokenizer::Tokenizer(std::vector<std::string> vocab, Options options, std::vecto
   if (options_.max_input_chars_per_word < 0)
     throw std::invalid_argument("max_input_chars_per_word: expected >= 0");
   trie_.build(vocab_);
+  whole_.build(vocab_, options_.continuing_subword_prefix, false);
+  cont_whole_.build(vocab_, options_.continuing_subword_prefix, true);
   cont_root_ = options_.continuing_subword_prefix.empty() ? 0 : trie_.walk(options_.continuing_subword_prefix);
 
   for (auto& b : special_first_byte_) b = false;
@@ -171,6 +204,7 @@ Tokenizer::Tokenizer(std::vector<std::string> vocab, Options options, std::vecto
     }
     ascii_action_[c] = act;
   }
+  for (int c = 0; c < 128; ++c) ascii_plain_[c] = ascii_action_[c] == 0 && !special_first_byte_[c];
 }
 
 int32_t Tokenizer::token_to_id(const std::string& token) const {
@@ -181,11 +215,8 @@ int32_t Tokenizer::token_to_id(const std::string& token) const {
 inline void Tokenizer::push_cp(Scratch& s, uint32_t cp, int32_t start, int32_t end) const {
   char buf[4];
   int n = encode_utf8(cp, buf);
-  s.word.append(buf, size_t(n));
-  for (int i = 0; i < n; ++i) {
-    s.bstart.push_back(start);
-    s.bend.push_back(end);
-  }
+  s.reserve(4);
+  for (int i = 0; i < n; ++i) s.put(uint8_t(buf[i]), start, end);
   ++s.nchars;
 }
 
@@ -294,33 +325,37 @@ size_t Tokenizer::match_special(const char* p, size_t left, int32_t* id, int32_t
   return 0;
 }
 
-// WordPiece on the buffered word: greedy longest match, one trie walk per piece.
+// WordPiece on the buffered word: greedy longest match. Each piece first asks
+// the whole-token table whether the rest of the word is one token, else walks
+// the trie once from the piece start (the last token node seen is the match).
 void Tokenizer::flush_word(Scratch& s, Sink out) const {
-  const size_t n = s.word.size();
+  const size_t n = s.wn;
   if (n == 0) return;
   std::vector<int32_t>& ids = *out.ids;
   std::vector<int32_t>* offs = out.offsets;
   const size_t mark = ids.size();
   bool ok = s.nchars <= options_.max_input_chars_per_word;
   if (ok) {
-    const uint8_t* w = reinterpret_cast<const uint8_t*>(s.word.data());
+    const uint8_t* w = s.word.data();
     size_t pos = 0;
     while (pos < n) {
-      int32_t node = pos == 0 ? 0 : cont_root_;
-      if (node < 0) { ok = false; break; }
-      int32_t best = -1;
-      size_t best_end = 0;
-      for (size_t p = pos; p < n;) {
-        node = trie_.child(node, w[p]);
-        if (node < 0) break;
-        ++p;
-        int32_t t = trie_.token(node);
-        if (t >= 0) {
-          best = t;
-          best_end = p;
+      int32_t best = (pos == 0 ? whole_ : cont_whole_).find(w + pos, n - pos);
+      size_t best_end = n;
+      if (best < 0) {
+        int32_t node = pos == 0 ? 0 : cont_root_;
+        if (node < 0) { ok = false; break; }
+        for (size_t p = pos; p < n;) {
+          node = trie_.child(node, w[p]);
+          if (node < 0) break;
+          ++p;
+          int32_t t = trie_.token(node);
+          if (t >= 0) {
+            best = t;
+            best_end = p;
+          }
         }
+        if (best < 0) { ok = false; break; }
       }
-      if (best < 0) { ok = false; break; }
       ids.push_back(best);
       if (offs) {
         offs->push_back(s.bstart[pos]);
@@ -338,20 +373,21 @@ void Tokenizer::flush_word(Scratch& s, Sink out) const {
       offs->push_back(s.bend[n - 1]);
     }
   }
-  s.word.clear();
-  s.bstart.clear();
-  s.bend.clear();
+  s.wn = 0;
   s.nchars = 0;
 }
 
 void Tokenizer::encode(const char* text, size_t len, Scratch& s, Sink out) const {
   const uint8_t* p = reinterpret_cast<const uint8_t*>(text);
   const uint8_t* end = p + len;
-  s.word.clear();
-  s.bstart.clear();
-  s.bend.clear();
+  s.wn = 0;
   s.nchars = 0;
   s.run.clear();
+  s.track = out.offsets != nullptr;
+  if (s.track && s.bstart.size() < s.cap()) {
+    s.bstart.resize(s.cap());
+    s.bend.resize(s.cap());
+  }
   s.last_start = s.last_end = 0;
   int32_t ci = 0;  // index of the current code point in the original string
   const bool clean = options_.clean_text, chinese = options_.handle_chinese_chars;
@@ -378,20 +414,34 @@ void Tokenizer::encode(const char* text, size_t len, Scratch& s, Sink out) const
     if (c < 0x80) {
       if (!s.run.empty() && ascii_action_[c] != 3) flush_run(s, out);
       switch (ascii_action_[c]) {
-        case 0:
-          s.word.push_back(ascii_map_[c]);
-          s.bstart.push_back(ci);
-          s.bend.push_back(ci + 1);
-          ++s.nchars;
-          break;
+        case 0: {
+          // A run of plain ASCII word characters: one capacity check per run chunk.
+          const uint8_t* q = p;
+          for (;;) {
+            s.reserve(64);
+            const uint8_t* stop = std::min(end, q + 64);
+            while (q < stop) {
+              const uint8_t d = *q;
+              if (d >= 0x80 || !ascii_plain_[d]) break;
+              s.put(uint8_t(ascii_map_[d]), ci, ci + 1);
+              ++ci;
+              ++q;
+            }
+            if (q < stop || q == end) break;
+          }
+          s.nchars += int32_t(q - p);
+          s.last_start = ci - 1;
+          s.last_end = ci;
+          p = q;
+          continue;
+        }
         case 1:
           flush_word(s, out);
           break;
         case 2:
           flush_word(s, out);
-          s.word.push_back(ascii_map_[c]);
-          s.bstart.push_back(ci);
-          s.bend.push_back(ci + 1);
+          s.reserve(1);
+          s.put(uint8_t(ascii_map_[c]), ci, ci + 1);
           s.nchars = 1;
           flush_word(s, out);
           break;
@@ -528,7 +578,7 @@ void encode_batch(const Tokenizer& tok, const std::vector<std::pair<const char*,
     for (size_t i = lo; i < hi; ++i) cb += texts[i].second + (pairs ? (*pairs)[i].second : 0);
     ch.ids.reserve(cb / 3 + 16);
     if (params.with_offsets) ch.offsets.reserve((cb / 3 + 16) * 2);
-    Scratch s;
+    static thread_local Scratch s;
     Sink sink{&ch.ids, params.with_offsets ? &ch.offsets : nullptr};
     for (size_t i = lo; i < hi; ++i) {
       uint32_t b0 = uint32_t(ch.ids.size());
@@ -543,6 +593,56 @@ void encode_batch(const Tokenizer& tok, const std::vector<std::pair<const char*,
   };
   if (ntasks == 1) task(0);
   else pool->run(ntasks, task);
+}
+
+void encode_ragged(const Tokenizer& tok, const std::vector<std::pair<const char*, size_t>>& texts, int32_t cls_id,
+                   int32_t sep_id, int num_threads, ThreadPool* pool, std::vector<int32_t>& ids,
+                   std::vector<int64_t>& row_splits) {
+  const size_t n = texts.size();
+  size_t bytes = 0;
+  for (auto& t : texts) bytes += t.second;
+  int threads = pool ? std::min(std::max(1, num_threads), pool->threads()) : 1;
+  if (bytes < 16384) threads = 1;
+  const int ntasks = threads == 1 ? 1 : int(std::min<size_t>(n, size_t(threads) * 8));
+  row_splits.assign(n + 1, 0);
+  auto run_range = [&](size_t lo, size_t hi, std::vector<int32_t>& out) {
+    static thread_local Scratch s;
+    Sink sink{&out, nullptr};
+    for (size_t i = lo; i < hi; ++i) {
+      const size_t b0 = out.size();
+      if (cls_id >= 0) out.push_back(cls_id);
+      tok.encode(texts[i].first, texts[i].second, s, sink);
+      if (sep_id >= 0) out.push_back(sep_id);
+      row_splits[i + 1] = int64_t(out.size() - b0);  // length for now
+    }
+  };
+  if (ntasks <= 1) {
+    ids.clear();
+    ids.reserve(bytes / 3 + 2 * n + 16);
+    run_range(0, n, ids);
+  } else {
+    std::vector<std::vector<int32_t>> parts(static_cast<size_t>(ntasks));
+    pool->run(ntasks, [&](int t) {
+      size_t lo = n * size_t(t) / size_t(ntasks), hi = n * size_t(t + 1) / size_t(ntasks);
+      size_t cb = 0;
+      for (size_t i = lo; i < hi; ++i) cb += texts[i].second;
+      parts[size_t(t)].reserve(cb / 3 + 2 * (hi - lo) + 16);
+      run_range(lo, hi, parts[size_t(t)]);
+    });
+    size_t total = 0;
+    std::vector<size_t> at(static_cast<size_t>(ntasks));
+    for (int t = 0; t < ntasks; ++t) {
+      at[size_t(t)] = total;
+      total += parts[size_t(t)].size();
+    }
+    ids.resize(total);
+    pool->run(ntasks, [&](int t) {
+      auto& src = parts[size_t(t)];
+      if (!src.empty()) std::memcpy(ids.data() + at[size_t(t)], src.data(), src.size() * sizeof(int32_t));
+      std::vector<int32_t>().swap(src);
+    });
+  }
+  for (size_t i = 0; i < n; ++i) row_splits[i + 1] += row_splits[i];
 }
 
 void finalize(const EncodeParams& params, EncodedBatch& batch) {
@@ -646,18 +746,19 @@ void fill(const EncodeParams& params, const EncodedBatch& batch, OutputBuffers o
       const EncodedBatch::Chunk& ch = batch.chunks[size_t(sp.chunk)];
       uint32_t first = sp.begin + (params.truncate_left ? sp.len - uint32_t(keep) : 0);
       const int32_t* ids = ch.ids.data() + first;
-      const int32_t* offs = params.with_offsets ? ch.offsets.data() + 2 * size_t(first) : nullptr;
-      for (int32_t k = 0; k < keep; ++k) {
-        if (o.input_ids) o.input_ids[pos] = ids[k];
-        if (o.attention_mask) o.attention_mask[pos] = 1;
-        if (o.token_type_ids) o.token_type_ids[pos] = type;
-        if (o.special_tokens_mask) o.special_tokens_mask[pos] = 0;
-        if (o.offsets) {
-          o.offsets[2 * pos] = offs ? offs[2 * k] : 0;
-          o.offsets[2 * pos + 1] = offs ? offs[2 * k + 1] : 0;
-        }
-        ++pos;
+      if (o.input_ids) {
+        int64_t* dst = o.input_ids + pos;
+        for (int32_t k = 0; k < keep; ++k) dst[k] = ids[k];
       }
+      if (o.attention_mask) std::fill(o.attention_mask + pos, o.attention_mask + pos + keep, int64_t(1));
+      if (o.token_type_ids) std::fill(o.token_type_ids + pos, o.token_type_ids + pos + keep, int64_t(type));
+      if (o.special_tokens_mask) std::fill(o.special_tokens_mask + pos, o.special_tokens_mask + pos + keep, int64_t(0));
+      if (o.offsets) {
+        const int32_t* offs = params.with_offsets ? ch.offsets.data() + 2 * size_t(first) : nullptr;
+        int64_t* dst = o.offsets + 2 * pos;
+        for (int32_t k = 0; k < 2 * keep; ++k) dst[k] = offs ? offs[k] : 0;
+      }
+      pos += keep;
     };
     if (special) put(params.cls_id, 0, 0, 0, 1);
     seq(batch.a[i], batch.keep_a[i], 0);
@@ -666,15 +767,14 @@ void fill(const EncodeParams& params, const EncodedBatch& batch, OutputBuffers o
       seq(batch.b[i], batch.keep_b[i], 1);
       if (special) put(params.sep_id, 1, 0, 0, 1);
     }
-    for (int64_t k = pad_at; k < pad_at + pad; ++k) {
-      if (o.input_ids) o.input_ids[k] = params.pad_id;
-      if (o.attention_mask) o.attention_mask[k] = 0;
-      if (o.token_type_ids) o.token_type_ids[k] = params.pad_type_id;
-      if (o.special_tokens_mask) o.special_tokens_mask[k] = 1;
-      if (o.offsets) {
-        o.offsets[2 * k] = 0;
-        o.offsets[2 * k + 1] = 0;
-      }
+    if (pad > 0) {
+      if (o.input_ids) std::fill(o.input_ids + pad_at, o.input_ids + pad_at + pad, int64_t(params.pad_id));
+      if (o.attention_mask) std::fill(o.attention_mask + pad_at, o.attention_mask + pad_at + pad, int64_t(0));
+      if (o.token_type_ids)
+        std::fill(o.token_type_ids + pad_at, o.token_type_ids + pad_at + pad, int64_t(params.pad_type_id));
+      if (o.special_tokens_mask)
+        std::fill(o.special_tokens_mask + pad_at, o.special_tokens_mask + pad_at + pad, int64_t(1));
+      if (o.offsets) std::fill(o.offsets + 2 * pad_at, o.offsets + 2 * (pad_at + pad), int64_t(0));
     }
   };
   int threads = pool ? std::min(std::max(1, params.num_threads), pool->threads()) : 1;

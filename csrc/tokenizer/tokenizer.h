@@ -6,6 +6,8 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <cstring>
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <mutex>
@@ -57,13 +59,90 @@ class Trie {
   int shift_ = 64;
 };
 
+// Exact-match table of whole tokens: one hash probe answers "is the rest of the
+// word a single token?", which is the common case (most words are in the vocabulary).
+class WordTable {
+ public:
+  // Adds tokens; with strip_prefix, only tokens starting with prefix, keyed without it.
+  void build(const std::vector<std::string>& tokens, const std::string& prefix, bool strip_prefix);
+  // p must be readable up to p + n + 8 (the tail is loaded as one masked word).
+  static inline uint64_t hash(const uint8_t* p, size_t n) {
+    uint64_t h = 0x243F6A8885A308D3ULL ^ (n * 0x9E3779B97F4A7C15ULL);
+    while (n >= 8) {
+      uint64_t v;
+      std::memcpy(&v, p, 8);
+      h = (h ^ v) * 0xFF51AFD7ED558CCDULL;
+      h ^= h >> 32;
+      p += 8;
+      n -= 8;
+    }
+    if (n) {
+      uint64_t v;
+      std::memcpy(&v, p, 8);
+      v &= (uint64_t(1) << (8 * n)) - 1;
+      h = (h ^ v) * 0xC4CEB9FE1A85EC53ULL;
+    }
+    return h ^ (h >> 29);
+  }
+  // p must be readable up to p + n + 8 (Scratch keeps 8 bytes of slack).
+  inline int32_t find(const uint8_t* p, size_t n) const {
+    uint64_t head;
+    std::memcpy(&head, p, 8);
+    if (n < 8) head &= (uint64_t(1) << (8 * n)) - 1;
+    const uint64_t h = hash(p, n);
+    size_t i = size_t(h >> 20) & mask_;
+    const uint16_t tag = uint16_t(h);
+    for (;;) {
+      const Slot& s = slots_[i];
+      if (s.id < 0) return -1;
+      if (s.head == head && s.len == n && s.tag == tag &&
+          (n <= 8 || std::memcmp(pool_.data() + s.off + 8, p + 8, n - 8) == 0))
+        return s.id;
+      i = (i + 1) & mask_;
+    }
+  }
+
+ private:
+  struct Slot {
+    uint64_t head;  // first 8 bytes of the key, zero padded
+    int32_t id;     // -1: empty
+    uint32_t off;   // key in pool_
+    uint16_t len, tag;
+  };
+  std::vector<Slot> slots_;
+  std::string pool_;
+  size_t mask_ = 0;
+};
+
 // Per-thread working memory, reused across words and texts (no allocation
 // per token once it has grown to the longest word seen).
 struct Scratch {
-  std::string word;               // normalized UTF-8 bytes of the current word
-  std::vector<int32_t> bstart;    // per byte: start of the original character (code point index)
-  std::vector<int32_t> bend;      // per byte: end of the original character
-  int32_t nchars = 0;             // characters in the word
+  std::vector<uint8_t> word;    // normalized UTF-8 bytes of the current word (word[0..wn))
+  std::vector<int32_t> bstart;  // per byte: start of the original character (code point index)
+  std::vector<int32_t> bend;    // per byte: end of the original character
+  size_t wn = 0;                // bytes in the word
+  int32_t nchars = 0;           // characters in the word
+  bool track = false;           // offsets requested: fill bstart / bend
+  inline void reserve(size_t more) {
+    if (wn + more > cap()) grow(wn + more);
+  }
+  size_t cap() const { return word.size() >= 8 ? word.size() - 8 : 0; }
+  void grow(size_t need) {
+    size_t c = std::max<size_t>(need * 2, 256);
+    word.resize(c + 8);
+    if (track) {
+      bstart.resize(c);
+      bend.resize(c);
+    }
+  }
+  inline void put(uint8_t b, int32_t start, int32_t end) {
+    word[wn] = b;
+    if (track) {
+      bstart[wn] = start;
+      bend[wn] = end;
+    }
+    ++wn;
+  }
   // strip_accents: pending run of characters with a non-zero combining class,
   // canonically reordered (stable sort by class, offsets stay with positions)
   // before the Mn ones are dropped, as NFD does.
@@ -116,6 +195,7 @@ class Tokenizer {
   std::vector<std::string> vocab_;
   Options options_;
   Trie trie_;
+  WordTable whole_, cont_whole_;  // whole tokens; continuation tokens keyed without the prefix
   int32_t unk_id_ = -1;
   int32_t cont_root_ = -1;  // trie node of the continuation prefix ("##"), root if empty
   // ASCII fast path: 0 = part of a word (ascii_map_ gives the byte), 1 = whitespace,
@@ -129,6 +209,7 @@ class Tokenizer {
   };
   std::vector<Special> specials_;  // longest first
   bool special_first_byte_[256];
+  bool ascii_plain_[128];  // action 0 and not the first byte of a special token
 };
 
 // Persistent pool: run(n, fn) calls fn(0..n-1) on the workers and the caller.
@@ -196,6 +277,14 @@ struct EncodedBatch {
 void encode_batch(const Tokenizer& tok, const std::vector<std::pair<const char*, size_t>>& texts,
                   const std::vector<std::pair<const char*, size_t>>* pairs, const EncodeParams& params,
                   ThreadPool* pool, EncodedBatch& out);
+
+// Raw encoding without post-processing other than optional [CLS] text [SEP]:
+// ids of all texts back to back (row i is ids[row_splits[i] .. row_splits[i+1])).
+// One thread writes straight into `ids`; several threads fill per-task chunks
+// that are then concatenated.
+void encode_ragged(const Tokenizer& tok, const std::vector<std::pair<const char*, size_t>>& texts, int32_t cls_id,
+                   int32_t sep_id, int num_threads, ThreadPool* pool, std::vector<int32_t>& ids,
+                   std::vector<int64_t>& row_splits);
 
 // Truncation + special tokens + padding width; throws std::invalid_argument
 // with HF's message when a sequence is too short to truncate.

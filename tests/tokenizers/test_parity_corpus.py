@@ -56,6 +56,10 @@ def test_whole_corpus_raw_parity(tt, hf, corpus_lines, chunk):
         enc = tt(lines[i])
         raise AssertionError(f"ids differ on line {i}: {lines[i]!r}\nours {enc['input_ids']}\n"
                              f"hf   {hf(lines[i])['input_ids']}")
+    ids, splits = tt.encode_batch_ragged(lines, num_threads=1 + chunk % 2)
+    assert ids.dtype == np.int32 and splits.dtype == np.int64
+    assert np.array_equal(ids, ref_ids)
+    assert np.array_equal(np.diff(splits), ref_len) and splits[0] == 0
     if not np.array_equal(raw["offset_mapping"], ref_off):
         bounds = np.concatenate(([0], np.cumsum(ref_len)))
         bad = np.nonzero((raw["offset_mapping"] != ref_off).any(axis=1))[0][0]

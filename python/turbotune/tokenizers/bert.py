@@ -415,6 +415,21 @@ class BertTokenizer:
             num_threads=num_threads or self._num_threads,
         )
 
+    def encode_batch_ragged(self, texts: Sequence[str], *, add_special_tokens: bool = True,
+                            num_threads: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Raw batch encoding without padding or truncation, the fastest path.
+
+        Returns ``(ids, row_splits)``: ``ids`` int32 ``[total_tokens]`` with every text's tokens
+        (``[CLS] ... [SEP]`` when ``add_special_tokens``) back to back, and ``row_splits`` int64
+        ``[len(texts) + 1]``: text ``i`` is ``ids[row_splits[i]:row_splits[i + 1]]``.
+        """
+        if isinstance(texts, str):
+            raise TypeError("texts: expected a list of str, got a str")
+        cls_id, sep_id = self.cls_token_id, self.sep_token_id
+        return self._native.encode_ragged(
+            texts, add_special_tokens=add_special_tokens, cls_id=-1 if cls_id is None else cls_id,
+            sep_id=-1 if sep_id is None else sep_id, num_threads=num_threads or self._num_threads)
+
     @staticmethod
     def _split_inputs(text, text_pair):
         """-> (texts, pairs or None, batched)."""
@@ -426,7 +441,7 @@ class BertTokenizer:
         if not isinstance(text, (list, tuple)):
             raise TypeError(f"text: expected str, list of str or list of (str, str) pairs, got {type(text).__name__}")
         if text_pair is None:
-            if len(text) and all(isinstance(t, (list, tuple)) for t in text):
+            if len(text) and isinstance(text[0], (list, tuple)):
                 firsts, seconds = [], []
                 for i, t in enumerate(text):
                     if len(t) != 2:
@@ -620,9 +635,25 @@ class BertTokenizer:
                 f"num_threads={self.num_threads})")
 
 
+_BatchEncoding = None
+
+
 def _batch_encoding(data: Dict[str, Any]):
-    try:
-        from transformers import BatchEncoding
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return data
-    return BatchEncoding(data)
+    """Wrap ``data`` (already lists / arrays / tensors) in a ``transformers.BatchEncoding``.
+
+    Built without running ``BatchEncoding.__init__`` (which would re-check every
+    value for a tensor conversion that is already done): the same attributes as
+    ``BatchEncoding(data)`` with no ``encoding`` and no ``tensor_type``.
+    """
+    global _BatchEncoding
+    if _BatchEncoding is None:
+        try:
+            from transformers import BatchEncoding
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            return data
+        _BatchEncoding = BatchEncoding
+    enc = _BatchEncoding.__new__(_BatchEncoding)
+    enc.data = data
+    enc._encodings = None
+    enc._n_sequences = None
+    return enc

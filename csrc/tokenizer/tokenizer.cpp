@@ -415,18 +415,36 @@ void Tokenizer::encode(const char* text, size_t len, Scratch& s, Sink out) const
       if (!s.run.empty() && ascii_action_[c] != 3) flush_run(s, out);
       switch (ascii_action_[c]) {
         case 0: {
-          // A run of plain ASCII word characters: one capacity check per run chunk.
+          // A run of plain ASCII word characters, copied (lowercased) with local
+          // pointers: byte stores alias everything, so no member is touched in the loop.
           const uint8_t* q = p;
           for (;;) {
             s.reserve(64);
             const uint8_t* stop = std::min(end, q + 64);
-            while (q < stop) {
-              const uint8_t d = *q;
-              if (d >= 0x80 || !ascii_plain_[d]) break;
-              s.put(uint8_t(ascii_map_[d]), ci, ci + 1);
-              ++ci;
-              ++q;
+            uint8_t* wp = s.word.data() + s.wn;
+            const uint8_t* q0 = q;
+            if (!s.track) {
+              while (q < stop) {
+                const uint8_t d = *q;
+                if (d >= 0x80 || !ascii_plain_[d]) break;
+                *wp++ = uint8_t(ascii_map_[d]);
+                ++q;
+              }
+            } else {
+              int32_t* bs = s.bstart.data() + s.wn;
+              int32_t* be = s.bend.data() + s.wn;
+              int32_t cc = ci;
+              while (q < stop) {
+                const uint8_t d = *q;
+                if (d >= 0x80 || !ascii_plain_[d]) break;
+                *wp++ = uint8_t(ascii_map_[d]);
+                *bs++ = cc;
+                *be++ = ++cc;
+                ++q;
+              }
             }
+            s.wn += size_t(q - q0);
+            ci += int32_t(q - q0);
             if (q < stop || q == end) break;
           }
           s.nchars += int32_t(q - p);

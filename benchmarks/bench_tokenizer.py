@@ -1,0 +1,65 @@
+"""pytest-benchmark view of the ``tokenizer`` suite (python/turbotune/bench/suites/tokenizer.py).
+
+    python -m pytest benchmarks/bench_tokenizer.py                            # quick subset (0.25 MB)
+    TURBOTUNE_BENCH_FULL=1 python -m pytest benchmarks/bench_tokenizer.py     # 2 MB of text
+    python benchmarks/bench_tokenizer.py [--full]                             # table of MB/s and ratios
+
+Each case is one full pass over the text; compare rows of the same group.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+_suite = importlib.import_module("turbotune.bench.suites.tokenizer")
+
+
+def cases(quick: bool):
+    return list(_suite.tokenizer_suite(quick, torch.device("cpu")))
+
+
+_CASES = cases(os.environ.get("TURBOTUNE_BENCH_FULL") != "1") if "pytest" in sys.modules else []
+
+
+@pytest.mark.parametrize("case", _CASES, ids=[f"{c.mode}-{c.provider}" for c in _CASES])
+def test_tokenizer(benchmark, case):
+    benchmark.group = f"tokenizer {case.mode} {case.shape}"
+    benchmark.extra_info.update(bytes=case.work["bytes"], tokens=case.work["items"], baseline=case.baseline)
+    benchmark.pedantic(case.fn, rounds=5, iterations=1, warmup_rounds=1)
+
+
+def main(argv=None) -> int:
+    """Time every case (median of repeats after warm-up) and print a Markdown table."""
+    import argparse
+    import time
+
+    from turbotune.bench import measure
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--full", action="store_true", help="2 MB of text instead of 0.25 MB")
+    ap.add_argument("--budget", type=float, default=3.0, help="seconds of repeats per case")
+    args = ap.parse_args(argv)
+    rows = []
+    for c in cases(quick=not args.full):
+        t = measure(c.fn, torch.device("cpu"), warmup=1, budget_s=args.budget, min_repeats=3)
+        cpu0 = time.process_time()
+        c.fn()
+        cpu = time.process_time() - cpu0
+        rows.append((c, t.p50, cpu))
+    base = {c.mode: ms for c, ms, _ in rows if c.baseline}
+    print(f"text: {rows[0][0].shape}, {rows[0][0].work['items']} tokens; {os.cpu_count()} CPUs\n")
+    print("| mode | provider | median s | MB/s | Mtokens/s | x vs HF | CPU s (1 pass) |")
+    print("|---|---|---|---|---|---|---|")
+    for c, ms, cpu in rows:
+        s = ms / 1e3
+        print(f"| {c.mode} | {c.provider} | {s:.4f} | {c.work['bytes'] / s / 1e6:.1f} | "
+              f"{c.work['items'] / s / 1e6:.2f} | {base[c.mode] / ms:.1f}x | {cpu:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

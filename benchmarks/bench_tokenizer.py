@@ -41,8 +41,11 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true", help="2 MB of text instead of 0.25 MB")
+    ap.add_argument("--mb", type=float, default=None, help="MB of corpus text (overrides --full)")
     ap.add_argument("--budget", type=float, default=3.0, help="seconds of repeats per case")
     args = ap.parse_args(argv)
+    if args.mb:
+        os.environ["TURBOTUNE_TOKENIZER_BENCH_MB"] = str(args.mb)
     rows = []
     for c in cases(quick=not args.full):
         t = measure(c.fn, torch.device("cpu"), warmup=1, budget_s=args.budget, min_repeats=3)
@@ -58,6 +61,13 @@ def main(argv=None) -> int:
         s = ms / 1e3
         print(f"| {c.mode} | {c.provider} | {s:.4f} | {c.work['bytes'] / s / 1e6:.1f} | "
               f"{c.work['items'] / s / 1e6:.2f} | {base[c.mode] / ms:.1f}x | {cpu:.3f} |")
+    ours = {c.mode: ms for c, ms, _ in rows if c.provider == "turbotune"}
+    if "raw-1thread" in ours and "raw-allcores" in ours:
+        print(f"\nturbotune raw encoding, 1 -> {_suite._threads()} threads: "
+              f"{ours['raw-1thread'] / ours['raw-allcores']:.2f}x")
+    peers = {c.mode: ms for c, ms, _ in rows if c.provider == "nanotoken-cold"}
+    for mode in peers:
+        print(f"turbotune vs nanotoken-cold ({mode}): {peers[mode] / ours[mode]:.2f}x")
     return 0
 
 

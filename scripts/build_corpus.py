@@ -37,7 +37,8 @@ def _walk(root: str, exts: Optional[Tuple[str, ...]] = None) -> Iterator[str]:
     if not os.path.isdir(root):
         return
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        # Python's own library only: not the third-party packages installed beside it.
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
         for f in sorted(filenames):
             if exts is None or f.endswith(exts):
                 p = os.path.join(dirpath, f)

@@ -5,6 +5,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <unistd.h>
+
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -67,7 +69,16 @@ class PyTokenizer {
   std::shared_ptr<tok::ThreadPool> pool(int threads) {
     if (threads <= 1) return nullptr;
     std::lock_guard<std::mutex> lk(mu_);
-    if (!pool_ || pool_->threads() < threads) pool_ = std::make_shared<tok::ThreadPool>(threads);
+    if (pool_ && pool_pid_ != getpid()) {
+      // A fork (e.g. a DataLoader worker) copied the pool but not its threads:
+      // joining them would hang, so the copy is leaked and a new pool started.
+      new std::shared_ptr<tok::ThreadPool>(std::move(pool_));
+      pool_.reset();
+    }
+    if (!pool_ || pool_->threads() < threads) {
+      pool_ = std::make_shared<tok::ThreadPool>(threads);
+      pool_pid_ = getpid();
+    }
     return pool_;
   }
 
@@ -182,6 +193,7 @@ class PyTokenizer {
   std::unique_ptr<tok::Tokenizer> tok_;
   std::mutex mu_;
   std::shared_ptr<tok::ThreadPool> pool_;
+  pid_t pool_pid_ = 0;
 };
 
 }  // namespace

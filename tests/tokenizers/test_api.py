@@ -258,3 +258,32 @@ def test_concurrent_python_threads(tt, corpus_lines):
                                        num_threads=2)["input_ids"], chunks))
     for a, b in zip(expected, got):
         assert np.array_equal(a, b)
+
+
+def test_thread_pool_survives_fork(tt, corpus_lines):
+    """A forked child (DataLoader worker) must not wait for the parent's pool threads."""
+    import multiprocessing as mp
+
+    texts = corpus_lines[:20000]
+    expected = tt(texts, padding=True, truncation=True, return_tensors="np", num_threads=2)["input_ids"]
+    _FORKED.update(tok=tt, texts=texts)
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_encode_in_child).get(timeout=60)
+    assert np.array_equal(got, expected)
+
+
+_FORKED = {}
+
+
+def _encode_in_child():
+    tok, texts = _FORKED["tok"], _FORKED["texts"]
+    return tok(texts, padding=True, truncation=True, return_tensors="np", num_threads=2)["input_ids"]
+
+
+def test_pickle_roundtrip(tt):
+    import pickle
+
+    again = pickle.loads(pickle.dumps(tt))
+    assert_same(again(TEXTS, return_offsets_mapping=True), tt(TEXTS, return_offsets_mapping=True))
+    assert again.model_max_length == tt.model_max_length and again.num_threads == tt.num_threads

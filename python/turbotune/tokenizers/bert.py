@@ -113,6 +113,12 @@ class BertTokenizer:
         max_input_chars_per_word: int = 100,
         num_threads: Optional[int] = None,
     ) -> None:
+        self._init_options = dict(
+            do_lower_case=do_lower_case, strip_accents=strip_accents, tokenize_chinese_chars=tokenize_chinese_chars,
+            clean_text=clean_text, unk_token=unk_token, sep_token=sep_token, pad_token=pad_token,
+            cls_token=cls_token, mask_token=mask_token, additional_special_tokens=list(additional_special_tokens),
+            model_max_length=model_max_length, wordpieces_prefix=wordpieces_prefix,
+            max_input_chars_per_word=max_input_chars_per_word)
         if isinstance(vocab, (str, os.PathLike)):
             if not os.path.isfile(vocab):
                 raise FileNotFoundError(f"vocab: no vocabulary file at {os.fspath(vocab)!r}")
@@ -179,6 +185,12 @@ class BertTokenizer:
             raise ValueError(f"vocab: {exc}") from None
         self._vocab: Dict[str, int] = {t: i for i, t in enumerate(tokens)}
         self._special_ids = {self._vocab[t] for t in self._special_tokens}
+
+    def __reduce__(self):
+        # Picklable (e.g. for DataLoader workers started with spawn): rebuilt from vocab + options.
+        state = dict(self._init_options, padding_side=self.padding_side, truncation_side=self.truncation_side,
+                     num_threads=self._num_threads, model_max_length=self.model_max_length)
+        return (_rebuild, (list(self._tokens), state))
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -633,6 +645,10 @@ class BertTokenizer:
         return (f"turbotune.tokenizers.BertTokenizer(vocab_size={self.vocab_size}, do_lower_case={self.do_lower_case}, "
                 f"strip_accents={self.strip_accents}, model_max_length={self.model_max_length}, "
                 f"num_threads={self.num_threads})")
+
+
+def _rebuild(tokens, state):
+    return BertTokenizer(tokens, **state)
 
 
 _BatchEncoding = None

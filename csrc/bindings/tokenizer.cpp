@@ -22,11 +22,12 @@ namespace py = pybind11;
 namespace turbotune {
 namespace {
 
-using Views = std::vector<std::pair<const char*, size_t>>;
+using Views = std::vector<tok::TextView>;
 
-// UTF-8 views of the str items of seq (borrowed from the str objects, which
-// `keep` holds alive). Raises TypeError / ValueError naming the index.
-void utf8_views(const py::sequence& seq, const char* what, Views& out, std::vector<py::object>& keep) {
+// Views of the str items of seq, borrowed from Python's own storage (ASCII as
+// UTF-8, otherwise Latin-1 / UCS-2 / UCS-4 code points: no conversion, no copy);
+// `keep` holds the objects alive. Raises TypeError naming the index.
+void text_views(const py::sequence& seq, const char* what, Views& out, std::vector<py::object>& keep) {
   const size_t n = py::len(seq);
   out.resize(n);
   keep.reserve(keep.size() + n);
@@ -37,17 +38,23 @@ void utf8_views(const py::sequence& seq, const char* what, Views& out, std::vect
       throw py::type_error(std::string(what) + "[" + std::to_string(i) + "]: expected str, got " +
                            std::string(Py_TYPE(o)->tp_name));
     }
-    Py_ssize_t len = 0;
-    const char* p = PyUnicode_AsUTF8AndSize(o, &len);
-    if (!p) {
-      PyErr_Clear();
-      throw py::value_error(std::string(what) + "[" + std::to_string(i) +
-                            "]: the string contains a lone surrogate code point (U+D800..U+DFFF), which is not "
-                            "valid Unicode text and cannot be encoded as UTF-8");
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(o) != 0) throw py::error_already_set();
+#endif
+    const size_t len = size_t(PyUnicode_GET_LENGTH(o));
+    if (PyUnicode_IS_ASCII(o)) {
+      out[i] = tok::TextView{PyUnicode_DATA(o), len, 0};
+    } else {
+      out[i] = tok::TextView{PyUnicode_DATA(o), len, uint8_t(PyUnicode_KIND(o))};
     }
-    out[i] = {p, size_t(len)};
     keep.push_back(std::move(item));
   }
+}
+
+[[noreturn]] void raise_surrogate(const char* what, int64_t i) {
+  throw py::value_error(std::string(what) + "[" + std::to_string(i) +
+                        "]: the string contains a lone surrogate code point (U+D800..U+DFFF), which is not "
+                        "valid Unicode text and cannot be encoded as UTF-8");
 }
 
 class PyTokenizer {
@@ -94,10 +101,10 @@ class PyTokenizer {
       throw py::value_error("add_special_tokens needs [CLS] and [SEP] in the vocabulary");
     Views a, b;
     std::vector<py::object> keep;
-    utf8_views(texts, "text", a, keep);
+    text_views(texts, "text", a, keep);
     const bool has_pair = !pairs.is_none();
     if (has_pair) {
-      utf8_views(py::reinterpret_borrow<py::sequence>(pairs), "text_pair", b, keep);
+      text_views(py::reinterpret_borrow<py::sequence>(pairs), "text_pair", b, keep);
       if (b.size() != a.size())
         throw py::value_error("text_pair: expected " + std::to_string(a.size()) + " items (one per text), got " +
                               std::to_string(b.size()));
@@ -121,6 +128,11 @@ class PyTokenizer {
     {
       py::gil_scoped_release nogil;
       tok::encode_batch(*tok_, a, has_pair ? &b : nullptr, p, pl.get(), batch);
+    }
+    if (batch.bad_text >= 0) raise_surrogate("text", batch.bad_text);
+    if (batch.bad_pair >= 0) raise_surrogate("text_pair", batch.bad_pair);
+    {
+      py::gil_scoped_release nogil;
       tok::finalize(p, batch);
     }
     const size_t n = a.size();
@@ -167,7 +179,7 @@ class PyTokenizer {
                           int num_threads) {
     Views a;
     std::vector<py::object> keep;
-    utf8_views(texts, "text", a, keep);
+    text_views(texts, "text", a, keep);
     if (add_special_tokens && (cls_id < 0 || sep_id < 0))
       throw py::value_error("add_special_tokens needs [CLS] and [SEP] in the vocabulary");
     num_threads = num_threads < 1 ? 1 : num_threads;
@@ -175,11 +187,13 @@ class PyTokenizer {
     auto* ids = new std::vector<int32_t>();
     py::capsule owner(ids, [](void* p) { delete static_cast<std::vector<int32_t>*>(p); });
     std::vector<int64_t> splits;
+    int64_t bad;
     {
       py::gil_scoped_release nogil;
-      tok::encode_ragged(*tok_, a, add_special_tokens ? cls_id : -1, add_special_tokens ? sep_id : -1, num_threads,
-                         pl.get(), *ids, splits);
+      bad = tok::encode_ragged(*tok_, a, add_special_tokens ? cls_id : -1, add_special_tokens ? sep_id : -1,
+                               num_threads, pl.get(), *ids, splits);
     }
+    if (bad >= 0) raise_surrogate("text", bad);  // the capsule frees ids
     py::array_t<int32_t> arr({py::ssize_t(ids->size())}, {py::ssize_t(sizeof(int32_t))}, ids->data(), owner);
     py::array_t<int64_t> rs(py::ssize_t(splits.size()));
     std::memcpy(rs.mutable_data(), splits.data(), splits.size() * sizeof(int64_t));

@@ -138,6 +138,34 @@ inline int encode_utf8(uint32_t cp, char* out) {
   return 4;
 }
 
+struct Utf8Src {
+  using Unit = uint8_t;
+  static constexpr bool kUtf8 = true;
+  static inline uint32_t next(const Unit*& p, const Unit* end, bool&) { return decode_utf8(p, end); }
+};
+
+template <class U>
+struct FixedSrc {
+  using Unit = U;
+  static constexpr bool kUtf8 = false;
+  static inline uint32_t next(const Unit*& p, const Unit*, bool& bad) {
+    uint32_t c = *p++;
+    if (sizeof(U) > 1 && ((c >= 0xD800 && c <= 0xDFFF) || c > 0x10FFFF)) {
+      bad = true;
+      return 0xFFFD;
+    }
+    return c;
+  }
+};
+
+std::vector<uint32_t> to_cps(const std::string& s) {
+  std::vector<uint32_t> out;
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(s.data());
+  const uint8_t* end = p + s.size();
+  while (p < end) out.push_back(decode_utf8(p, end));
+  return out;
+}
+
 int32_t count_chars(const std::string& s) {
   int32_t n = 0;
   for (unsigned char c : s) n += (c & 0xC0) != 0x80;
@@ -178,8 +206,9 @@ Tokenizer::Tokenizer(std::vector<std::string> vocab, Options options, std::vecto
     auto it = seen.find(s);
     if (it == seen.end())
       throw std::invalid_argument("special_tokens: '" + s + "' is not in the vocabulary");
-    specials_.push_back({s, it->second, count_chars(s)});
+    specials_.push_back({s, to_cps(s), it->second, count_chars(s)});
     special_first_byte_[(unsigned char)s[0]] = true;
+    if ((unsigned char)s[0] >= 0x80) special_non_ascii_start_ = true;
   }
   std::stable_sort(specials_.begin(), specials_.end(),
                    [](const Special& x, const Special& y) { return x.text.size() > y.text.size(); });
@@ -314,12 +343,23 @@ inline void Tokenizer::emit_normalized(Scratch& s, Sink out, uint32_t cp, int32_
   strip_char(s, out, cp, false, start, end);
 }
 
-size_t Tokenizer::match_special(const char* p, size_t left, int32_t* id, int32_t* nchars) const {
+template <class Unit>
+size_t Tokenizer::match_special(const Unit* p, size_t left, bool utf8, int32_t* id, int32_t* nchars) const {
   for (const Special& sp : specials_) {
-    if (sp.text.size() <= left && std::memcmp(p, sp.text.data(), sp.text.size()) == 0) {
-      *id = sp.id;
-      *nchars = sp.nchars;
-      return sp.text.size();
+    if (utf8) {
+      if (sp.text.size() <= left && std::memcmp(p, sp.text.data(), sp.text.size()) == 0) {
+        *id = sp.id;
+        *nchars = sp.nchars;
+        return sp.text.size();
+      }
+    } else if (sp.cps.size() <= left) {
+      size_t k = 0;
+      while (k < sp.cps.size() && uint32_t(p[k]) == sp.cps[k]) ++k;
+      if (k == sp.cps.size()) {
+        *id = sp.id;
+        *nchars = sp.nchars;
+        return k;
+      }
     }
   }
   return 0;
@@ -377,9 +417,34 @@ void Tokenizer::flush_word(Scratch& s, Sink out) const {
   s.nchars = 0;
 }
 
-void Tokenizer::encode(const char* text, size_t len, Scratch& s, Sink out) const {
-  const uint8_t* p = reinterpret_cast<const uint8_t*>(text);
-  const uint8_t* end = p + len;
+bool Tokenizer::encode(const TextView& t, Scratch& s, Sink out) const {
+  switch (t.kind) {
+    case 0: {
+      auto p = static_cast<const uint8_t*>(t.data);
+      return encode_impl<Utf8Src>(p, p + t.len, s, out);
+    }
+    case 1: {
+      auto p = static_cast<const uint8_t*>(t.data);
+      return encode_impl<FixedSrc<uint8_t>>(p, p + t.len, s, out);
+    }
+    case 2: {
+      auto p = static_cast<const uint16_t*>(t.data);
+      return encode_impl<FixedSrc<uint16_t>>(p, p + t.len, s, out);
+    }
+    case 4: {
+      auto p = static_cast<const uint32_t*>(t.data);
+      return encode_impl<FixedSrc<uint32_t>>(p, p + t.len, s, out);
+    }
+    default:
+      throw std::invalid_argument("text kind: expected 0 (UTF-8), 1, 2 or 4");
+  }
+}
+
+template <class Src>
+bool Tokenizer::encode_impl(const typename Src::Unit* p, const typename Src::Unit* end, Scratch& s,
+                            Sink out) const {
+  using Unit = typename Src::Unit;
+  bool bad = false;
   s.wn = 0;
   s.nchars = 0;
   s.run.clear();
@@ -393,10 +458,11 @@ void Tokenizer::encode(const char* text, size_t len, Scratch& s, Sink out) const
   const bool clean = options_.clean_text, chinese = options_.handle_chinese_chars;
   const bool have_specials = !specials_.empty();
   while (p < end) {
-    const uint8_t c = *p;
-    if (have_specials && special_first_byte_[c]) {
+    const uint32_t c = *p;
+    if (have_specials && ((c < 0x80 && special_first_byte_[c]) ||
+                          (c >= 0x80 && (Src::kUtf8 ? special_first_byte_[c & 0xFF] : special_non_ascii_start_)))) {
       int32_t id, nch;
-      size_t m = match_special(reinterpret_cast<const char*>(p), size_t(end - p), &id, &nch);
+      size_t m = match_special(p, size_t(end - p), Src::kUtf8, &id, &nch);
       if (m) {
         if (!s.run.empty()) flush_run(s, out);
         flush_word(s, out);
@@ -417,15 +483,15 @@ void Tokenizer::encode(const char* text, size_t len, Scratch& s, Sink out) const
         case 0: {
           // A run of plain ASCII word characters, copied (lowercased) with local
           // pointers: byte stores alias everything, so no member is touched in the loop.
-          const uint8_t* q = p;
+          const Unit* q = p;
           for (;;) {
             s.reserve(64);
-            const uint8_t* stop = std::min(end, q + 64);
+            const Unit* stop = std::min(end, q + 64);
             uint8_t* wp = s.word.data() + s.wn;
-            const uint8_t* q0 = q;
+            const Unit* q0 = q;
             if (!s.track) {
               while (q < stop) {
-                const uint8_t d = *q;
+                const uint32_t d = *q;
                 if (d >= 0x80 || !ascii_plain_[d]) break;
                 *wp++ = uint8_t(ascii_map_[d]);
                 ++q;
@@ -435,7 +501,7 @@ void Tokenizer::encode(const char* text, size_t len, Scratch& s, Sink out) const
               int32_t* be = s.bend.data() + s.wn;
               int32_t cc = ci;
               while (q < stop) {
-                const uint8_t d = *q;
+                const uint32_t d = *q;
                 if (d >= 0x80 || !ascii_plain_[d]) break;
                 *wp++ = uint8_t(ascii_map_[d]);
                 *bs++ = cc;
@@ -476,7 +542,7 @@ void Tokenizer::encode(const char* text, size_t len, Scratch& s, Sink out) const
       ++ci;
       continue;
     }
-    const uint32_t cp = decode_utf8(p, end);
+    const uint32_t cp = Src::next(p, end, bad);
     const uint8_t f = unicode_flags(cp);
     if (clean && (f & kRemove)) {
     } else if (clean && (f & kCleanWs)) {
@@ -498,6 +564,7 @@ void Tokenizer::encode(const char* text, size_t len, Scratch& s, Sink out) const
   }
   if (!s.run.empty()) flush_run(s, out);
   flush_word(s, out);
+  return !bad;
 }
 
 // ---------------------------------------------------------------- thread pool
@@ -570,17 +637,26 @@ void ThreadPool::run(int ntasks, const std::function<void(int)>& fn) {
 }
 
 // ---------------------------------------------------------------- batches
-void encode_batch(const Tokenizer& tok, const std::vector<std::pair<const char*, size_t>>& texts,
-                  const std::vector<std::pair<const char*, size_t>>* pairs, const EncodeParams& params,
-                  ThreadPool* pool, EncodedBatch& out) {
+namespace {
+inline size_t view_bytes(const TextView& t) { return t.kind == 0 ? t.len : t.len * t.kind; }
+inline void note_bad(std::atomic<int64_t>& slot, int64_t i) {
+  int64_t cur = slot.load();
+  while ((cur < 0 || i < cur) && !slot.compare_exchange_weak(cur, i)) {
+  }
+}
+}  // namespace
+
+void encode_batch(const Tokenizer& tok, const std::vector<TextView>& texts, const std::vector<TextView>* pairs,
+                  const EncodeParams& params, ThreadPool* pool, EncodedBatch& out) {
   const size_t n = texts.size();
   out.has_pair = pairs != nullptr;
   out.a.assign(n, {0, 0, 0});
   out.b.assign(pairs ? n : 0, {0, 0, 0});
   size_t bytes = 0;
-  for (auto& t : texts) bytes += t.second;
+  for (auto& t : texts) bytes += view_bytes(t);
   if (pairs)
-    for (auto& t : *pairs) bytes += t.second;
+    for (auto& t : *pairs) bytes += view_bytes(t);
+  std::atomic<int64_t> bad_text{-1}, bad_pair{-1};
   int threads = std::max(1, params.num_threads);
   if (!pool) threads = 1;
   threads = std::min(threads, pool ? pool->threads() : 1);
@@ -593,32 +669,34 @@ void encode_batch(const Tokenizer& tok, const std::vector<std::pair<const char*,
     size_t lo = n * size_t(t) / size_t(ntasks), hi = n * size_t(t + 1) / size_t(ntasks);
     EncodedBatch::Chunk& ch = out.chunks[size_t(t)];
     size_t cb = 0;
-    for (size_t i = lo; i < hi; ++i) cb += texts[i].second + (pairs ? (*pairs)[i].second : 0);
+    for (size_t i = lo; i < hi; ++i) cb += view_bytes(texts[i]) + (pairs ? view_bytes((*pairs)[i]) : 0);
     ch.ids.reserve(cb / 3 + 16);
     if (params.with_offsets) ch.offsets.reserve((cb / 3 + 16) * 2);
     static thread_local Scratch s;
     Sink sink{&ch.ids, params.with_offsets ? &ch.offsets : nullptr};
     for (size_t i = lo; i < hi; ++i) {
       uint32_t b0 = uint32_t(ch.ids.size());
-      tok.encode(texts[i].first, texts[i].second, s, sink);
+      if (!tok.encode(texts[i], s, sink)) note_bad(bad_text, int64_t(i));
       out.a[i] = {t, b0, uint32_t(ch.ids.size()) - b0};
       if (pairs) {
         b0 = uint32_t(ch.ids.size());
-        tok.encode((*pairs)[i].first, (*pairs)[i].second, s, sink);
+        if (!tok.encode((*pairs)[i], s, sink)) note_bad(bad_pair, int64_t(i));
         out.b[i] = {t, b0, uint32_t(ch.ids.size()) - b0};
       }
     }
   };
   if (ntasks == 1) task(0);
   else pool->run(ntasks, task);
+  out.bad_text = bad_text.load();
+  out.bad_pair = bad_pair.load();
 }
 
-void encode_ragged(const Tokenizer& tok, const std::vector<std::pair<const char*, size_t>>& texts, int32_t cls_id,
-                   int32_t sep_id, int num_threads, ThreadPool* pool, std::vector<int32_t>& ids,
-                   std::vector<int64_t>& row_splits) {
+int64_t encode_ragged(const Tokenizer& tok, const std::vector<TextView>& texts, int32_t cls_id, int32_t sep_id,
+                      int num_threads, ThreadPool* pool, std::vector<int32_t>& ids, std::vector<int64_t>& row_splits) {
   const size_t n = texts.size();
   size_t bytes = 0;
-  for (auto& t : texts) bytes += t.second;
+  for (auto& t : texts) bytes += view_bytes(t);
+  std::atomic<int64_t> bad{-1};
   int threads = pool ? std::min(std::max(1, num_threads), pool->threads()) : 1;
   if (bytes < 16384) threads = 1;
   const int ntasks = threads == 1 ? 1 : int(std::min<size_t>(n, size_t(threads) * 8));
@@ -629,7 +707,7 @@ void encode_ragged(const Tokenizer& tok, const std::vector<std::pair<const char*
     for (size_t i = lo; i < hi; ++i) {
       const size_t b0 = out.size();
       if (cls_id >= 0) out.push_back(cls_id);
-      tok.encode(texts[i].first, texts[i].second, s, sink);
+      if (!tok.encode(texts[i], s, sink)) note_bad(bad, int64_t(i));
       if (sep_id >= 0) out.push_back(sep_id);
       row_splits[i + 1] = int64_t(out.size() - b0);  // length for now
     }
@@ -643,7 +721,7 @@ void encode_ragged(const Tokenizer& tok, const std::vector<std::pair<const char*
     pool->run(ntasks, [&](int t) {
       size_t lo = n * size_t(t) / size_t(ntasks), hi = n * size_t(t + 1) / size_t(ntasks);
       size_t cb = 0;
-      for (size_t i = lo; i < hi; ++i) cb += texts[i].second;
+      for (size_t i = lo; i < hi; ++i) cb += view_bytes(texts[i]);
       parts[size_t(t)].reserve(cb / 3 + 2 * (hi - lo) + 16);
       run_range(lo, hi, parts[size_t(t)]);
     });
@@ -661,6 +739,7 @@ void encode_ragged(const Tokenizer& tok, const std::vector<std::pair<const char*
     });
   }
   for (size_t i = 0; i < n; ++i) row_splits[i + 1] += row_splits[i];
+  return bad.load();
 }
 
 void finalize(const EncodeParams& params, EncodedBatch& batch) {

@@ -160,6 +160,15 @@ struct Scratch {
   int32_t last_start = 0, last_end = 0;          // last source character seen
 };
 
+// A text as the caller holds it: UTF-8 bytes (kind 0), or fixed-width code
+// points of 1, 2 or 4 bytes (kind 1 = Latin-1, 2 = UCS-2, 4 = UCS-4: Python's
+// own string storage, read without conversion).
+struct TextView {
+  const void* data;
+  size_t len;  // in code units (bytes for UTF-8)
+  uint8_t kind;
+};
+
 // Output of one encoded text: token ids and, optionally, (start, end) offsets
 // in code points of the original string, appended to caller-owned vectors.
 struct Sink {
@@ -175,7 +184,12 @@ class Tokenizer {
   Tokenizer(std::vector<std::string> vocab, Options options, std::vector<std::string> special_tokens);
 
   // Appends the tokens of `text` (UTF-8) to out. Invalid UTF-8 bytes count as U+FFFD.
-  void encode(const char* text, size_t len, Scratch& scratch, Sink out) const;
+  void encode(const char* text, size_t len, Scratch& scratch, Sink out) const {
+    encode(TextView{text, len, 0}, scratch, out);
+  }
+  // Same for any TextView. Returns false when the text holds a lone surrogate
+  // (U+D800..U+DFFF, possible in UCS-2/UCS-4 input): it is then encoded as U+FFFD.
+  bool encode(const TextView& text, Scratch& scratch, Sink out) const;
 
   const std::vector<std::string>& vocab() const { return vocab_; }
   const Options& options() const { return options_; }
@@ -190,7 +204,10 @@ class Tokenizer {
   inline void lower_classify(Scratch& s, Sink out, uint32_t cp, int32_t start, int32_t end) const;
   inline void strip_char(Scratch& s, Sink out, uint32_t cp, bool inserted, int32_t start, int32_t end) const;
   void flush_run(Scratch& s, Sink out) const;
-  size_t match_special(const char* p, size_t left, int32_t* id, int32_t* nchars) const;
+  template <class Src>
+  bool encode_impl(const typename Src::Unit* p, const typename Src::Unit* end, Scratch& s, Sink out) const;
+  template <class Unit>
+  size_t match_special(const Unit* p, size_t left, bool utf8, int32_t* id, int32_t* nchars) const;
 
   std::vector<std::string> vocab_;
   Options options_;
@@ -204,9 +221,11 @@ class Tokenizer {
   char ascii_map_[128];
   struct Special {
     std::string text;
+    std::vector<uint32_t> cps;  // the same as code points
     int32_t id;
     int32_t nchars;
   };
+  bool special_non_ascii_start_ = false;
   std::vector<Special> specials_;  // longest first
   bool special_first_byte_[256];
   bool ascii_plain_[128];  // action 0 and not the first byte of a special token
@@ -270,21 +289,22 @@ struct EncodedBatch {
   std::vector<int64_t> row_offset, width;
   int64_t total = 0;        // sum of width
   bool uniform = true;      // every row has the same width
+  int64_t bad_text = -1, bad_pair = -1;  // first row holding a lone surrogate
 };
 
 // Encodes texts[i] (and pairs[i] when pairs != nullptr) with up to
 // params.num_threads threads of pool (pool may be null for one thread).
-void encode_batch(const Tokenizer& tok, const std::vector<std::pair<const char*, size_t>>& texts,
-                  const std::vector<std::pair<const char*, size_t>>* pairs, const EncodeParams& params,
-                  ThreadPool* pool, EncodedBatch& out);
+// Rows with a lone surrogate are recorded in out.bad_text / out.bad_pair (first index, else -1).
+void encode_batch(const Tokenizer& tok, const std::vector<TextView>& texts, const std::vector<TextView>* pairs,
+                  const EncodeParams& params, ThreadPool* pool, EncodedBatch& out);
 
 // Raw encoding without post-processing other than optional [CLS] text [SEP]:
 // ids of all texts back to back (row i is ids[row_splits[i] .. row_splits[i+1])).
 // One thread writes straight into `ids`; several threads fill per-task chunks
 // that are then concatenated.
-void encode_ragged(const Tokenizer& tok, const std::vector<std::pair<const char*, size_t>>& texts, int32_t cls_id,
-                   int32_t sep_id, int num_threads, ThreadPool* pool, std::vector<int32_t>& ids,
-                   std::vector<int64_t>& row_splits);
+// Returns the first row holding a lone surrogate, or -1.
+int64_t encode_ragged(const Tokenizer& tok, const std::vector<TextView>& texts, int32_t cls_id, int32_t sep_id,
+                      int num_threads, ThreadPool* pool, std::vector<int32_t>& ids, std::vector<int64_t>& row_splits);
 
 // Truncation + special tokens + padding width; throws std::invalid_argument
 // with HF's message when a sequence is too short to truncate.

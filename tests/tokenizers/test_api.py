@@ -287,3 +287,24 @@ def test_pickle_roundtrip(tt):
     again = pickle.loads(pickle.dumps(tt))
     assert_same(again(TEXTS, return_offsets_mapping=True), tt(TEXTS, return_offsets_mapping=True))
     assert again.model_max_length == tt.model_max_length and again.num_threads == tt.num_threads
+
+
+@pytest.mark.parametrize("text", ["latin-1 caf\xe9 na\xefve \xa0nbsp", "ucs2 \u4e2d\u6587 \u03a3\u0391\u03a3 \u0130",
+                                  "ucs4 \U0001f600 \U00020000 \U0001d165\u0301", "mixed [MASK] \xe9\u4e2d\U0001f600"])
+def test_every_python_string_kind(tt, hf, text):
+    """Python stores str as Latin-1, UCS-2 or UCS-4; each is read directly (with specials, offsets)."""
+    kw = dict(return_offsets_mapping=True)
+    assert_same(tt(text, **kw), hf(text, **kw))
+    assert_same(tt([text, text + " [SEP] x"], **kw), hf([text, text + " [SEP] x"], **kw))
+    ids, splits = tt.encode_batch_ragged([text])
+    assert ids.tolist() == hf(text)["input_ids"]
+
+
+def test_lone_surrogate_in_every_entry_point(tt):
+    for bad in ("x\udfff", "\u4e2d\ud800", "\U0001f600\udc00"):
+        with pytest.raises(ValueError, match=r"text\[0\]"):
+            tt([bad])
+        with pytest.raises(ValueError, match=r"text_pair\[0\]"):
+            tt(["ok"], [bad])
+        with pytest.raises(ValueError, match=r"text\[1\]"):
+            tt.encode_batch_ragged(["ok", bad])

@@ -43,19 +43,36 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="2 MB of text instead of 0.25 MB")
     ap.add_argument("--mb", type=float, default=None, help="MB of corpus text (overrides --full)")
     ap.add_argument("--budget", type=float, default=3.0, help="seconds of repeats per case")
+    ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds, report the best (0: median)")
     args = ap.parse_args(argv)
     if args.mb:
         os.environ["TURBOTUNE_TOKENIZER_BENCH_MB"] = str(args.mb)
     rows = []
-    for c in cases(quick=not args.full):
-        t = measure(c.fn, torch.device("cpu"), warmup=1, budget_s=args.budget, min_repeats=3)
-        cpu0 = time.process_time()
-        c.fn()
-        cpu = time.process_time() - cpu0
-        rows.append((c, t.p50, cpu))
+    all_cases = cases(quick=not args.full)
+    if args.rounds:
+        # Interleaved rounds, best of N per case: robust against noisy neighbours on a shared machine.
+        best = {id(c): (float("inf"), float("inf")) for c in all_cases}
+        for c in all_cases:
+            c.fn()  # warm-up
+        for _ in range(args.rounds):
+            for c in all_cases:
+                w0, c0 = time.perf_counter(), time.process_time()
+                c.fn()
+                w, cpu = time.perf_counter() - w0, time.process_time() - c0
+                bw, bc = best[id(c)]
+                best[id(c)] = (min(bw, w), min(bc, cpu))
+        rows = [(c, best[id(c)][0] * 1e3, best[id(c)][1]) for c in all_cases]
+        print(f"best of {args.rounds} interleaved rounds (wall); CPU s = best single-pass process CPU time")
+    else:
+        for c in all_cases:
+            t = measure(c.fn, torch.device("cpu"), warmup=1, budget_s=args.budget, min_repeats=3)
+            cpu0 = time.process_time()
+            c.fn()
+            cpu = time.process_time() - cpu0
+            rows.append((c, t.p50, cpu))
     base = {c.mode: ms for c, ms, _ in rows if c.baseline}
     print(f"text: {rows[0][0].shape}, {rows[0][0].work['items']} tokens; {os.cpu_count()} CPUs\n")
-    print("| mode | provider | median s | MB/s | Mtokens/s | x vs HF | CPU s (1 pass) |")
+    print("| mode | provider | wall s | MB/s | Mtokens/s | x vs HF | CPU s (1 pass) |")
     print("|---|---|---|---|---|---|---|")
     for c, ms, cpu in rows:
         s = ms / 1e3

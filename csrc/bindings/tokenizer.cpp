@@ -222,7 +222,7 @@ void bind_tokenizer(py::module_& m) {
            py::arg("strip_accents") = true, py::arg("clean_text") = true, py::arg("handle_chinese_chars") = true,
            py::arg("continuing_subword_prefix") = "##", py::arg("max_input_chars_per_word") = 100)
       .def("encode_batch", &PyTokenizer::encode_batch, py::arg("texts"), py::arg("pairs") = py::none(),
-           py::kw_only(), py::arg("add_special_tokens") = true, py::arg("cls_id") = -1, py::arg("sep_id") = -1,
+           py::arg("add_special_tokens") = true, py::arg("cls_id") = -1, py::arg("sep_id") = -1,
            py::arg("pad_id") = 0, py::arg("pad_type_id") = 0, py::arg("truncation") = 0,
            py::arg("max_length") = -1, py::arg("truncate_left") = false, py::arg("padding") = 0,
            py::arg("pad_to_multiple_of") = 0, py::arg("pad_left") = false, py::arg("return_offsets") = false,

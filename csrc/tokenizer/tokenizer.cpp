@@ -670,8 +670,11 @@ void encode_batch(const Tokenizer& tok, const std::vector<TextView>& texts, cons
     EncodedBatch::Chunk& ch = out.chunks[size_t(t)];
     size_t cb = 0;
     for (size_t i = lo; i < hi; ++i) cb += view_bytes(texts[i]) + (pairs ? view_bytes((*pairs)[i]) : 0);
-    ch.ids.reserve(cb / 3 + 16);
-    if (params.with_offsets) ch.offsets.reserve((cb / 3 + 16) * 2);
+    // Upper estimate (about one token per input unit): growing would copy the
+    // buffer and fault its pages again; untouched reserved pages cost nothing.
+    const size_t est = cb + 2 * (hi - lo) + 16;
+    ch.ids.reserve(est);
+    if (params.with_offsets) ch.offsets.reserve(est * 2);
     static thread_local Scratch s;
     Sink sink{&ch.ids, params.with_offsets ? &ch.offsets : nullptr};
     for (size_t i = lo; i < hi; ++i) {
@@ -714,7 +717,7 @@ int64_t encode_ragged(const Tokenizer& tok, const std::vector<TextView>& texts, 
   };
   if (ntasks <= 1) {
     ids.clear();
-    ids.reserve(bytes / 3 + 2 * n + 16);
+    ids.reserve(bytes + 2 * n + 16);
     run_range(0, n, ids);
   } else {
     std::vector<std::vector<int32_t>> parts(static_cast<size_t>(ntasks));
@@ -722,7 +725,7 @@ int64_t encode_ragged(const Tokenizer& tok, const std::vector<TextView>& texts, 
       size_t lo = n * size_t(t) / size_t(ntasks), hi = n * size_t(t + 1) / size_t(ntasks);
       size_t cb = 0;
       for (size_t i = lo; i < hi; ++i) cb += view_bytes(texts[i]);
-      parts[size_t(t)].reserve(cb / 3 + 2 * (hi - lo) + 16);
+      parts[size_t(t)].reserve(cb + 2 * (hi - lo) + 16);
       run_range(lo, hi, parts[size_t(t)]);
     });
     size_t total = 0;

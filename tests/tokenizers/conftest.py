@@ -75,10 +75,15 @@ def tt_cased(cased_vocab):
 
 
 @pytest.fixture(scope="session")
-def corpus_path() -> str:
-    """Builds the >= 20 MB corpus from files on this machine (once; cached under data/)."""
+def corpus_path(tmp_path_factory) -> str:
+    """Builds the >= 20 MB corpus from files on this machine (once; cached under data/,
+    or in a temporary directory when the checkout is read-only)."""
+    build = _load_script("build_corpus").build_corpus
     path = os.environ.get("TURBOTUNE_CORPUS") or os.path.join(REPO, "data", "corpus.txt")
-    return _load_script("build_corpus").build_corpus(path, quiet=True)
+    try:
+        return build(path, quiet=True)
+    except OSError:
+        return build(str(tmp_path_factory.mktemp("corpus") / "corpus.txt"), quiet=True)
 
 
 @pytest.fixture(scope="session")

@@ -28,12 +28,15 @@ using Views = std::vector<tok::TextView>;
 // UTF-8, otherwise Latin-1 / UCS-2 / UCS-4 code points: no conversion, no copy);
 // `keep` holds the objects alive. Raises TypeError naming the index.
 void text_views(const py::sequence& seq, const char* what, Views& out, std::vector<py::object>& keep) {
-  const size_t n = py::len(seq);
+  // PySequence_Fast: a list/tuple as is (else a list copy) whose item array is
+  // read directly; it is kept alive, and it keeps the strings alive.
+  py::object fast = py::reinterpret_steal<py::object>(PySequence_Fast(seq.ptr(), "expected a sequence of str"));
+  if (!fast) throw py::error_already_set();
+  const size_t n = size_t(PySequence_Fast_GET_SIZE(fast.ptr()));
+  PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
   out.resize(n);
-  keep.reserve(keep.size() + n);
   for (size_t i = 0; i < n; ++i) {
-    py::object item = seq[i];
-    PyObject* o = item.ptr();
+    PyObject* o = items[i];
     if (!PyUnicode_Check(o)) {
       throw py::type_error(std::string(what) + "[" + std::to_string(i) + "]: expected str, got " +
                            std::string(Py_TYPE(o)->tp_name));
@@ -47,8 +50,8 @@ void text_views(const py::sequence& seq, const char* what, Views& out, std::vect
     } else {
       out[i] = tok::TextView{PyUnicode_DATA(o), len, uint8_t(PyUnicode_KIND(o))};
     }
-    keep.push_back(std::move(item));
   }
+  keep.push_back(std::move(fast));
 }
 
 [[noreturn]] void raise_surrogate(const char* what, int64_t i) {

@@ -44,7 +44,11 @@ def main(argv=None) -> int:
     ap.add_argument("--mb", type=float, default=None, help="MB of corpus text (overrides --full)")
     ap.add_argument("--budget", type=float, default=3.0, help="seconds of repeats per case")
     ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds, report the best (0: median)")
+    ap.add_argument("--scaling", action="store_true",
+                    help="only turbotune on the whole corpus, 1 vs all threads (best of 6 interleaved rounds)")
     args = ap.parse_args(argv)
+    if args.scaling:
+        return scaling()
     if args.mb:
         os.environ["TURBOTUNE_TOKENIZER_BENCH_MB"] = str(args.mb)
     rows = []
@@ -85,6 +89,39 @@ def main(argv=None) -> int:
     peers = {c.mode: ms for c, ms, _ in rows if c.provider == "nanotoken-cold"}
     for mode in peers:
         print(f"turbotune vs nanotoken-cold ({mode}): {peers[mode] / ours[mode]:.2f}x")
+    return 0
+
+
+def scaling(rounds: int = 6) -> int:
+    """turbotune on the whole corpus with 1 thread and with all threads, raw and padded."""
+    import time
+
+    from turbotune.data import packaged_model_dir
+    from turbotune.tokenizers import BertTokenizer
+
+    lines = _suite.corpus_lines(1e9)  # every line
+    mb = sum(len(s.encode("utf-8")) for s in lines) / 1e6
+    tok = BertTokenizer.from_pretrained(packaged_model_dir())
+    n = _suite._threads()
+    kw = dict(padding=True, truncation=True, max_length=128, return_tensors="pt")
+    fns = {
+        ("raw", 1): lambda: tok.encode_batch_ragged(lines, num_threads=1),
+        ("raw", n): lambda: tok.encode_batch_ragged(lines, num_threads=n),
+        ("padded", 1): lambda: tok(lines, num_threads=1, **kw),
+        ("padded", n): lambda: tok(lines, num_threads=n, **kw),
+    }
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    print(f"whole corpus {mb:.1f} MB, {len(lines)} lines, best of {rounds} interleaved rounds\n")
+    print(f"| call | 1 thread MB/s | {n} threads MB/s | scaling |")
+    print("|---|---|---|---|")
+    for what in ("raw", "padded"):
+        a, b = best[(what, 1)], best[(what, n)]
+        print(f"| {what} | {mb / a:.1f} | {mb / b:.1f} | {a / b:.2f}x |")
     return 0
 
 

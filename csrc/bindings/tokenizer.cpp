@@ -187,8 +187,8 @@ class PyTokenizer {
       throw py::value_error("add_special_tokens needs [CLS] and [SEP] in the vocabulary");
     num_threads = num_threads < 1 ? 1 : num_threads;
     auto pl = pool(num_threads);
-    auto* ids = new std::vector<int32_t>();
-    py::capsule owner(ids, [](void* p) { delete static_cast<std::vector<int32_t>*>(p); });
+    auto* ids = new tok::RaggedIds();
+    py::capsule owner(ids, [](void* p) { delete static_cast<tok::RaggedIds*>(p); });
     std::vector<int64_t> splits;
     int64_t bad;
     {

@@ -695,7 +695,7 @@ void encode_batch(const Tokenizer& tok, const std::vector<TextView>& texts, cons
 }
 
 int64_t encode_ragged(const Tokenizer& tok, const std::vector<TextView>& texts, int32_t cls_id, int32_t sep_id,
-                      int num_threads, ThreadPool* pool, std::vector<int32_t>& ids, std::vector<int64_t>& row_splits) {
+                      int num_threads, ThreadPool* pool, RaggedIds& ids, std::vector<int64_t>& row_splits) {
   const size_t n = texts.size();
   size_t bytes = 0;
   for (auto& t : texts) bytes += view_bytes(t);
@@ -716,9 +716,10 @@ int64_t encode_ragged(const Tokenizer& tok, const std::vector<TextView>& texts, 
     }
   };
   if (ntasks <= 1) {
-    ids.clear();
-    ids.reserve(bytes + 2 * n + 16);
-    run_range(0, n, ids);
+    ids.raw.reset();
+    ids.vec.clear();
+    ids.vec.reserve(bytes + 2 * n + 16);
+    run_range(0, n, ids.vec);
   } else {
     std::vector<std::vector<int32_t>> parts(static_cast<size_t>(ntasks));
     pool->run(ntasks, [&](int t) {
@@ -734,10 +735,13 @@ int64_t encode_ragged(const Tokenizer& tok, const std::vector<TextView>& texts, 
       at[size_t(t)] = total;
       total += parts[size_t(t)].size();
     }
-    ids.resize(total);
+    ids.vec.clear();
+    ids.raw.reset(new int32_t[total > 0 ? total : 1]);
+    ids.raw_size = total;
+    int32_t* dst = ids.raw.get();
     pool->run(ntasks, [&](int t) {
       auto& src = parts[size_t(t)];
-      if (!src.empty()) std::memcpy(ids.data() + at[size_t(t)], src.data(), src.size() * sizeof(int32_t));
+      if (!src.empty()) std::memcpy(dst + at[size_t(t)], src.data(), src.size() * sizeof(int32_t));
       std::vector<int32_t>().swap(src);
     });
   }

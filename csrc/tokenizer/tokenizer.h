@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -302,9 +303,20 @@ void encode_batch(const Tokenizer& tok, const std::vector<TextView>& texts, cons
 // ids of all texts back to back (row i is ids[row_splits[i] .. row_splits[i+1])).
 // One thread writes straight into `ids`; several threads fill per-task chunks
 // that are then concatenated.
+// Token ids of a ragged batch: one thread appends to `vec`; several threads
+// copy their parts into `raw` (allocated without zero-filling, so its pages are
+// first touched by the parallel copies).
+struct RaggedIds {
+  std::vector<int32_t> vec;
+  std::unique_ptr<int32_t[]> raw;
+  size_t raw_size = 0;
+  const int32_t* data() const { return raw ? raw.get() : vec.data(); }
+  size_t size() const { return raw ? raw_size : vec.size(); }
+};
+
 // Returns the first row holding a lone surrogate, or -1.
 int64_t encode_ragged(const Tokenizer& tok, const std::vector<TextView>& texts, int32_t cls_id, int32_t sep_id,
-                      int num_threads, ThreadPool* pool, std::vector<int32_t>& ids, std::vector<int64_t>& row_splits);
+                      int num_threads, ThreadPool* pool, RaggedIds& ids, std::vector<int64_t>& row_splits);
 
 // Truncation + special tokens + padding width; throws std::invalid_argument
 // with HF's message when a sequence is too short to truncate.

@@ -308,3 +308,12 @@ def test_lone_surrogate_in_every_entry_point(tt):
             tt(["ok"], [bad])
         with pytest.raises(ValueError, match=r"text\[1\]"):
             tt.encode_batch_ragged(["ok", bad])
+
+
+def test_malformed_pair_batches(tt):
+    with pytest.raises(TypeError, match=r"text\[1\]: expected a \(text, text_pair\) pair"):
+        tt([("a", "b"), "cd"])
+    with pytest.raises(TypeError, match=r"text\[0\]: expected a \(text, text_pair\) pair.*3 items"):
+        tt([("a", "b", "c")])
+    with pytest.raises(TypeError, match=r"text_pair\[0\]: expected str"):
+        tt([("a", 5)])

@@ -449,8 +449,9 @@ class BertTokenizer:
             if len(text) and isinstance(text[0], (list, tuple)):
                 firsts, seconds = [], []
                 for i, t in enumerate(text):
-                    if len(t) != 2:
-                        raise TypeError(f"text[{i}]: expected a (text, text_pair) pair, got {len(t)} items")
+                    if not isinstance(t, (list, tuple)) or len(t) != 2:
+                        raise TypeError(f"text[{i}]: expected a (text, text_pair) pair like text[0], "
+                                        f"got {type(t).__name__}" + (f" of {len(t)} items" if isinstance(t, (list, tuple)) else ""))
                     firsts.append(t[0])
                     seconds.append(t[1])
                 return firsts, seconds, True

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_same, normalize
+from tok_helpers import assert_same, normalize
 from turbotune.tokenizers import BertTokenizer, UnsupportedTokenizerError
 
 TEXTS = ["Hello, World! [MASK] naïve café", "Tokenization with WordPiece is fun.", "中文字符 and ΣΑΣ", ""]

@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import pytest
 
-from helpers import assert_same
+from tok_helpers import assert_same
 
 
 def _flat_hf(encodings, offsets=True):

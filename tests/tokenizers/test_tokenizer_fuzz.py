@@ -12,7 +12,7 @@ from tok_helpers import assert_same, normalize
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
-# Any scalar value (surrogates cannot be encoded, they are tested in test_api).
+# Any scalar value (surrogates cannot be encoded, they are tested in test_tokenizer_api).
 any_char = st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=("Cs",))
 # Characters where BERT normalisation is subtle.
 tricky = st.sampled_from(

@@ -8,5 +8,6 @@ namespace turbotune {
 
 void bind_core(pybind11::module_& m);
 void bind_optim(pybind11::module_& m);
+void bind_tokenizer(pybind11::module_& m);
 
 }  // namespace turbotune

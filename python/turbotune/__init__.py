@@ -9,11 +9,12 @@ Public API (everything else is internal):
 - :mod:`turbotune.models`   ``register_hf_attention()``: ``attn_implementation="turbotune"``
 - :mod:`turbotune.backend`  which implementation runs where, ``TURBOTUNE_BACKEND``
 - :mod:`turbotune.bench`    the benchmark harness behind ``turbotune bench``
+- :mod:`turbotune.tokenizers`  C++ WordPiece ``BertTokenizer`` with the Hugging Face API
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import backend, models, nn, ops, optim, padding  # noqa: E402
+from . import backend, models, nn, ops, optim, padding, tokenizers  # noqa: E402
 
-__all__ = ["__version__", "backend", "ops", "nn", "optim", "padding", "models"]
+__all__ = ["__version__", "backend", "ops", "nn", "optim", "padding", "models", "tokenizers"]

@@ -27,7 +27,9 @@ def case_id(case):
 
 
 def pytest_generate_tests(metafunc):
-    if "case" in metafunc.fixturenames:
-        name = metafunc.module.SUITE
+    # Files that name their suite (SUITE = "...") get one test per case of it;
+    # files that parametrize "case" themselves are left alone.
+    name = getattr(metafunc.module, "SUITE", None)
+    if name is not None and "case" in metafunc.fixturenames:
         cases = suite_cases(name, metafunc.config.getoption("--quick"))
         metafunc.parametrize("case", cases, ids=[case_id(c) for c in cases])

@@ -76,10 +76,11 @@ def tt_cased(cased_vocab):
 
 @pytest.fixture(scope="session")
 def corpus_path(tmp_path_factory) -> str:
-    """Builds the >= 20 MB corpus from files on this machine (once; cached under data/,
-    or in a temporary directory when the checkout is read-only)."""
-    build = _load_script("build_corpus").build_corpus
-    path = os.environ.get("TURBOTUNE_CORPUS") or os.path.join(REPO, "data", "corpus.txt")
+    """Builds the >= 20 MB corpus from files on this machine (once; cached at
+    turbotune.corpus.default_path(), or in a temporary directory when that is not writable)."""
+    from turbotune.corpus import build_corpus as build, default_path
+
+    path = default_path()
     try:
         return build(path, quiet=True)
     except OSError:

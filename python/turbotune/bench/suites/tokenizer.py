@@ -1,6 +1,6 @@
 """Tokenizer benchmarks: turbotune's C++ WordPiece vs Hugging Face and nanotoken.
 
-Three configurations on real text (the corpus of ``scripts/build_corpus.py``,
+Three configurations on real text (the corpus of :mod:`turbotune.corpus`,
 lines taken evenly from it), each with the stock Hugging Face implementation as
 the ``baseline=True`` case (so ``ratio_vs_torch`` reads "x faster than HF"):
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import os
 from typing import Iterator, List, Optional
 
@@ -31,20 +30,11 @@ import torch
 
 from .. import Case, register_suite
 
-_REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", ".."))
-
-
 def corpus_lines(mb: float) -> Optional[List[str]]:
     """About ``mb`` MB of corpus lines, taken evenly from the whole corpus (built on first use)."""
-    path = os.environ.get("TURBOTUNE_CORPUS") or os.path.join(_REPO, "data", "corpus.txt")
-    if not os.path.isfile(path):
-        script = os.path.join(_REPO, "scripts", "build_corpus.py")
-        if not os.path.isfile(script):
-            return None
-        spec = importlib.util.spec_from_file_location("build_corpus", script)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        mod.build_corpus(path, quiet=True)
+    from ...corpus import corpus_path
+
+    path = corpus_path()
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")[:-1]
     total = sum(len(s) for s in lines)

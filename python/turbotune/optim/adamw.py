@@ -123,6 +123,24 @@ def _uses_master(group: Dict[str, Any], p: Tensor) -> bool:
     return bool(mw)
 
 
+
+def _kernel_pointers(params, states, amsgrad: bool, master: bool):
+    """The per-tensor lists the native kernels take: pointers to params, grads (in
+    the param's dtype, contiguous), exp_avg, exp_avg_sq, max_exp_avg_sq (or []),
+    master copies (or []), and the element counts. Returns ``(grads, lists)``:
+    the caller keeps ``grads`` alive until the kernel has read them (a dtype
+    conversion or ``contiguous()`` may have made temporaries)."""
+    grads = [(p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype)).contiguous() for p in params]
+    return grads, (
+        [p.data_ptr() for p in params],
+        [g.data_ptr() for g in grads],
+        [s["exp_avg"].data_ptr() for s in states],
+        [s["exp_avg_sq"].data_ptr() for s in states],
+        [s["max_exp_avg_sq"].data_ptr() for s in states] if amsgrad else [],
+        [s[_MASTER].data_ptr() for s in states] if master else [],
+        [p.numel() for p in params],
+    )
+
 class AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, Loshchilov & Hutter) with fused mixed-precision kernels.
 
@@ -359,20 +377,9 @@ class AdamW(torch.optim.Optimizer):
     def _step_cpu(self, group, params, states, dtype, master, mult):
         C = _native.require("turbotune.optim.AdamW (CPU kernel)")
         h = self._hyper(group)
-        grads = []
-        for p in params:
-            g = p.grad
-            if g.dtype != p.dtype:
-                g = g.to(p.dtype)
-            grads.append(g.contiguous())
+        grads, pointers = _kernel_pointers(params, states, h["amsgrad"], master)  # grads stay alive for the call
         C.adamw_cpu(
-            [p.data_ptr() for p in params],
-            [g.data_ptr() for g in grads],
-            [s["exp_avg"].data_ptr() for s in states],
-            [s["exp_avg_sq"].data_ptr() for s in states],
-            [s["max_exp_avg_sq"].data_ptr() for s in states] if h["amsgrad"] else [],
-            [s[_MASTER].data_ptr() for s in states] if master else [],
-            [p.numel() for p in params],
+            *pointers,
             [float(s["step"]) for s in states],
             _DTYPE_CODE[dtype],
             _DTYPE_CODE[group["state_dtype"]],
@@ -397,22 +404,11 @@ class AdamW(torch.optim.Optimizer):
         if grad_scale is not None:
             grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
             scale_ptr = grad_scale.data_ptr()
-        grads = []
-        for p in params:
-            g = p.grad
-            if g.dtype != p.dtype:
-                g = g.to(p.dtype)
-            grads.append(g.contiguous())
+        grads, pointers = _kernel_pointers(params, states, h["amsgrad"], master)  # grads stay alive for the call
         with torch.cuda.device(device):
             stream = torch.cuda.current_stream(device).cuda_stream
             C.adamw_cuda(
-                [p.data_ptr() for p in params],
-                [g.data_ptr() for g in grads],
-                [s["exp_avg"].data_ptr() for s in states],
-                [s["exp_avg_sq"].data_ptr() for s in states],
-                [s["max_exp_avg_sq"].data_ptr() for s in states] if h["amsgrad"] else [],
-                [s[_MASTER].data_ptr() for s in states] if master else [],
-                [p.numel() for p in params],
+                *pointers,
                 [s.data_ptr() for s in steps],
                 _DTYPE_CODE[dtype],
                 _DTYPE_CODE[group["state_dtype"]],

@@ -639,6 +639,25 @@ void ThreadPool::run(int ntasks, const std::function<void(int)>& fn) {
 // ---------------------------------------------------------------- batches
 namespace {
 inline size_t view_bytes(const TextView& t) { return t.kind == 0 ? t.len : t.len * t.kind; }
+constexpr size_t kTasksPerThread = 32;
+// Task boundaries for ntasks tasks of about equal cost (input units plus a small
+// per-text cost): a corpus mixes cheap and expensive stretches (ASCII prose,
+// CJK, accented text), so equal counts of texts can differ several-fold in
+// work, and the thread that draws the last heavy task finishes alone.
+std::vector<size_t> balanced_bounds(const std::vector<TextView>& texts, const std::vector<TextView>* pairs,
+                                    size_t total_bytes, int ntasks) {
+  const size_t n = texts.size();
+  constexpr size_t kPerText = 16;
+  const size_t total = total_bytes + kPerText * n;
+  std::vector<size_t> bounds(static_cast<size_t>(ntasks) + 1, n);
+  bounds[0] = 0;
+  size_t acc = 0, t = 1;
+  for (size_t i = 0; i < n && t < size_t(ntasks); ++i) {
+    acc += view_bytes(texts[i]) + (pairs ? view_bytes((*pairs)[i]) : 0) + kPerText;
+    while (t < size_t(ntasks) && acc * size_t(ntasks) >= total * t) bounds[t++] = i + 1;
+  }
+  return bounds;
+}
 inline void note_bad(std::atomic<int64_t>& slot, int64_t i) {
   int64_t cur = slot.load();
   while ((cur < 0 || i < cur) && !slot.compare_exchange_weak(cur, i)) {
@@ -662,11 +681,13 @@ void encode_batch(const Tokenizer& tok, const std::vector<TextView>& texts, cons
   threads = std::min(threads, pool ? pool->threads() : 1);
   // Below ~16 KB a thread hand-off costs more than it saves.
   if (bytes < 16384) threads = 1;
-  int ntasks = threads == 1 ? 1 : int(std::min<size_t>(n, size_t(threads) * 8));
+  // Many small tasks of equal cost, drawn dynamically: the threads finish together.
+  int ntasks = threads == 1 ? 1 : int(std::min<size_t>(n, size_t(threads) * kTasksPerThread));
   if (ntasks < 1) ntasks = 1;
+  const std::vector<size_t> bounds = balanced_bounds(texts, pairs, bytes, ntasks);
   out.chunks.assign(size_t(ntasks), {});
   auto task = [&](int t) {
-    size_t lo = n * size_t(t) / size_t(ntasks), hi = n * size_t(t + 1) / size_t(ntasks);
+    const size_t lo = bounds[size_t(t)], hi = bounds[size_t(t) + 1];
     EncodedBatch::Chunk& ch = out.chunks[size_t(t)];
     size_t cb = 0;
     for (size_t i = lo; i < hi; ++i) cb += view_bytes(texts[i]) + (pairs ? view_bytes((*pairs)[i]) : 0);
@@ -702,7 +723,7 @@ int64_t encode_ragged(const Tokenizer& tok, const std::vector<TextView>& texts, 
   std::atomic<int64_t> bad{-1};
   int threads = pool ? std::min(std::max(1, num_threads), pool->threads()) : 1;
   if (bytes < 16384) threads = 1;
-  const int ntasks = threads == 1 ? 1 : int(std::min<size_t>(n, size_t(threads) * 8));
+  const int ntasks = threads == 1 ? 1 : int(std::min<size_t>(n, size_t(threads) * kTasksPerThread));
   row_splits.assign(n + 1, 0);
   auto run_range = [&](size_t lo, size_t hi, std::vector<int32_t>& out) {
     static thread_local Scratch s;
@@ -721,9 +742,10 @@ int64_t encode_ragged(const Tokenizer& tok, const std::vector<TextView>& texts, 
     ids.vec.reserve(bytes + 2 * n + 16);
     run_range(0, n, ids.vec);
   } else {
+    const std::vector<size_t> bounds = balanced_bounds(texts, nullptr, bytes, ntasks);
     std::vector<std::vector<int32_t>> parts(static_cast<size_t>(ntasks));
     pool->run(ntasks, [&](int t) {
-      size_t lo = n * size_t(t) / size_t(ntasks), hi = n * size_t(t + 1) / size_t(ntasks);
+      const size_t lo = bounds[size_t(t)], hi = bounds[size_t(t) + 1];
       size_t cb = 0;
       for (size_t i = lo; i < hi; ++i) cb += view_bytes(texts[i]);
       parts[size_t(t)].reserve(cb + 2 * (hi - lo) + 16);

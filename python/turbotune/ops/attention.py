@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
+from ._op import FusedOp
 from ._triton import HAS_TRITON, next_power_of_2, tl, triton
 
 OP = "attention"
@@ -984,8 +985,7 @@ def _inner_contig(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("turbotune::attention_fwd", mutates_args=())
-def _attention_fwd_op(
+def _attention_fwd_impl(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], attn_bias: Optional[Tensor],
     dropout_p: float, causal: bool, softmax_scale: float, seed: int, offset: int,
 ) -> Tuple[Tensor, Tensor]:
@@ -1005,14 +1005,12 @@ def _attention_fwd_op(
                        dropout_p, causal, softmax_scale, seed, offset, out_like=q)
 
 
-@_attention_fwd_op.register_fake
-def _(q, k, v, key_padding_mask, attn_bias, dropout_p, causal, softmax_scale, seed, offset):
+def _attention_fwd_fake(q, k, v, key_padding_mask, attn_bias, dropout_p, causal, softmax_scale, seed, offset):
     b, h, lq, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, h, lq), dtype=torch.float32)
 
 
-@torch.library.custom_op("turbotune::attention_bwd", mutates_args=())
-def _attention_bwd_op(
+def _attention_bwd_impl(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     key_padding_mask: Optional[Tensor], attn_bias: Optional[Tensor],
     dropout_p: float, causal: bool, softmax_scale: float, seed: int, offset: int,
@@ -1030,8 +1028,8 @@ def _attention_bwd_op(
                        grads_like=(q, k, v))
 
 
-@_attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, key_padding_mask, attn_bias, dropout_p, causal, softmax_scale, seed, offset):
+def _attention_bwd_fake(dout, q, k, v, out, lse, key_padding_mask, attn_bias, dropout_p, causal, softmax_scale, seed,
+                        offset):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -1047,15 +1045,16 @@ def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, kpm, bias = ctx.saved_tensors
     if dout is None:
         return None, None, None, None, None, None, None, None, None, None
-    dq, dk, dv = torch.ops.turbotune.attention_bwd(dout, q, k, v, out, lse, kpm, bias, *ctx.args)
+    dq, dk, dv = _ATTENTION_BWD.from_backward(ctx, dout, q, k, v, out, lse, kpm, bias, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
-_attention_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+_ATTENTION_BWD = FusedOp("attention_bwd", _attention_bwd_impl, fake=_attention_bwd_fake)
+_ATTENTION_FWD = FusedOp("attention_fwd", _attention_fwd_impl, fake=_attention_fwd_fake,
+                         setup_context=_fwd_setup, backward=_fwd_backward)
 
 
-@torch.library.custom_op("turbotune::attention_varlen_fwd", mutates_args=())
-def _attention_varlen_fwd_op(
+def _attention_varlen_fwd_impl(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
     max_seqlen_k: int, dropout_p: float, causal: bool, softmax_scale: float, seed: int, offset: int,
 ) -> Tuple[Tensor, Tensor]:
@@ -1071,14 +1070,12 @@ def _attention_varlen_fwd_op(
                        out_like=q)
 
 
-@_attention_varlen_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, softmax_scale, seed,
-      offset):
+def _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
+                               softmax_scale, seed, offset):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("turbotune::attention_varlen_bwd", mutates_args=())
-def _attention_varlen_bwd_op(
+def _attention_varlen_bwd_impl(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
     cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, causal: bool,
     softmax_scale: float, seed: int, offset: int,
@@ -1096,9 +1093,8 @@ def _attention_varlen_bwd_op(
                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grads_like=(q, k, v))
 
 
-@_attention_varlen_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
-      softmax_scale, seed, offset):
+def _attention_varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               dropout_p, causal, softmax_scale, seed, offset):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -1115,11 +1111,13 @@ def _varlen_backward(ctx, dout, dlse):
     nones = (None,) * 9
     if dout is None:
         return (None, None, None) + nones
-    dq, dk, dv = torch.ops.turbotune.attention_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+    dq, dk, dv = _ATTENTION_VARLEN_BWD.from_backward(ctx, dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
     return (dq, dk, dv) + nones
 
 
-_attention_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+_ATTENTION_VARLEN_BWD = FusedOp("attention_varlen_bwd", _attention_varlen_bwd_impl, fake=_attention_varlen_bwd_fake)
+_ATTENTION_VARLEN_FWD = FusedOp("attention_varlen_fwd", _attention_varlen_fwd_impl, fake=_attention_varlen_fwd_fake,
+                                setup_context=_varlen_setup, backward=_varlen_backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -1241,8 +1239,8 @@ def attention(
     scale = float(softmax_scale) if softmax_scale is not None else d ** -0.5
     p = float(dropout_p)
     seed = _draw_seed(p, dropout_seed)
-    out, lse = torch.ops.turbotune.attention_fwd(q, k, v, key_padding_mask, attn_bias, p, bool(causal), scale,
-                                                 seed, int(dropout_offset))
+    out, lse = _ATTENTION_FWD(q, k, v, key_padding_mask, attn_bias, p, bool(causal), scale, seed,
+                              int(dropout_offset))
     return (out, lse) if return_lse else out
 
 
@@ -1297,7 +1295,7 @@ def attention_varlen(
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     p = float(dropout_p)
     seed = _draw_seed(p, dropout_seed)
-    out, lse = torch.ops.turbotune.attention_varlen_fwd(
+    out, lse = _ATTENTION_VARLEN_FWD(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), p, bool(causal), scale, seed,
         int(dropout_offset),
     )

@@ -14,7 +14,9 @@ This module holds everything about the op:
   persistent program accumulates partial ``dweight``/``dbias`` sums over its
   rows in registers; a second small kernel reduces the partial sums;
 - the ``torch.library`` ops ``turbotune::layer_norm`` and
-  ``turbotune::layer_norm_backward`` with fake implementations and autograd;
+  ``turbotune::layer_norm_backward`` with fake implementations and autograd
+  (registered through :class:`~turbotune.ops._op.FusedOp`, which also gives
+  the eager path that skips the dispatcher);
 - :func:`layer_norm`, the public function.
 """
 from typing import Optional, Tuple, Union
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
+from ._op import FusedOp
 from ._triton import HAS_TRITON, next_power_of_2, num_programs_hint, tl, triton
 
 OP = "layer_norm"
@@ -241,14 +244,16 @@ def _backward_triton(dy2, dres2, s2, w, mean, rstd, has_bias):
     return dx, dw, db
 
 
-# ----------------------------------------------------------------------------- implementation
+# ----------------------------------------------------------------------------- ops
 
 
 def _use_triton(x: Tensor) -> bool:
     return backend.select(OP, x.device, x.dtype).impl == backend.TRITON and x.shape[-1] <= MAX_FUSED_N
 
 
-def _forward_impl(x, weight, bias, residual, eps):
+def _layer_norm_impl(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], eps: float
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, s, mean, rstd)``: ``s = x + residual`` (empty without residual),
     ``mean``/``rstd`` fp32 of shape ``x.shape[:-1]``."""
     if not _use_triton(x):
@@ -264,77 +269,7 @@ def _forward_impl(x, weight, bias, residual, eps):
     return y.view(x.shape), (s.view(x.shape) if residual is not None else s), mean.view(lead), rstd.view(lead)
 
 
-def _backward_impl(dy, dres, s, weight, mean, rstd, has_bias):
-    """``(ds, dweight | None, dbias | None)``; ``ds`` has ``s.dtype``."""
-    if not _use_triton(s):
-        return layer_norm_backward_ref(dy, dres, s, weight, mean, rstd, has_bias)
-    n = s.shape[-1]
-    dx, dw, db = _backward_triton(
-        dy.reshape(-1, n).contiguous(),
-        dres.reshape(-1, n).contiguous() if dres is not None else None,
-        s.reshape(-1, n).contiguous(),
-        weight.contiguous() if weight is not None else None,
-        mean.reshape(-1).contiguous(),
-        rstd.reshape(-1).contiguous(),
-        has_bias,
-    )
-    return dx.view(s.shape), dw, db
-
-
-def _save(ctx, x, weight, bias, residual, s, mean, rstd):
-    ctx.has_residual = residual is not None
-    ctx.has_bias = bias is not None
-    ctx.x_dtype = x.dtype
-    ctx.res_dtype = residual.dtype if residual is not None else None
-    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
-
-
-def _grads(ctx, dy, ds, backward_fn):
-    """Input gradients ``(dx, dweight, dbias, dresidual)`` from the output gradients."""
-    s, weight, mean, rstd = ctx.saved_tensors
-    if dy is None:
-        dy = torch.zeros(s.shape, dtype=ctx.x_dtype, device=s.device)
-    dres = ds if (ctx.has_residual and ds is not None and ds.numel()) else None
-    dsum, dw, db = backward_fn(dy, dres, s, weight, mean, rstd, ctx.has_bias)
-    dx = dsum.to(ctx.x_dtype)
-    dr = dsum.to(ctx.res_dtype) if ctx.has_residual else None
-    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), dr
-
-
-class _LayerNormFunction(torch.autograd.Function):
-    """Eager autograd path. It runs the same implementation as the
-    ``turbotune::layer_norm`` op but skips the dispatcher, whose per-call cost
-    (tens of microseconds) would exceed a whole BERT-sized LayerNorm on a GPU."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps):
-        y, s, mean, rstd = _forward_impl(x, weight, bias, residual, eps)
-        _save(ctx, x, weight, bias, residual, s, mean, rstd)
-        # An unused output (often s) then arrives as None instead of a zero
-        # tensor that the backward would have to read and add.
-        ctx.set_materialize_grads(False)
-        return y, s
-
-    @staticmethod
-    def backward(ctx, dy, ds):
-        dx, dw, db, dr = _grads(ctx, dy, ds, _backward_impl)
-        return dx, dw, db, dr, None
-
-
-# ----------------------------------------------------------------------------- torch.library ops
-
-
-@torch.library.custom_op("turbotune::layer_norm", mutates_args=())
-def _layer_norm_op(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], eps: float
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(y, s, mean, rstd)``; ``s = x + residual`` (empty without residual),
-    ``mean``/``rstd`` fp32 of shape ``x.shape[:-1]``."""
-    return _forward_impl(x, weight, bias, residual, eps)
-
-
-@_layer_norm_op.register_fake
-def _(x, weight, bias, residual, eps):
+def _layer_norm_fake(x, weight, bias, residual, eps):
     s = (
         x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
         if residual is not None
@@ -344,14 +279,25 @@ def _(x, weight, bias, residual, eps):
     return torch.empty_like(x), s, stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("turbotune::layer_norm_backward", mutates_args=())
-def _layer_norm_backward_op(
+def _layer_norm_backward_impl(
     dy: Tensor, dres: Optional[Tensor], s: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, has_bias: bool
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(ds, dweight, dbias)``; ``ds`` has ``s.dtype``; a gradient that
-    is not needed (no weight / no bias) is an empty tensor (the schema has no
-    optional returns)."""
-    dx, dw, db = _backward_impl(dy, dres, s, weight, mean, rstd, has_bias)
+    """``(ds, dweight, dbias)``; ``ds`` has ``s.dtype``; a gradient that is not
+    needed (no weight / no bias) is an empty tensor (a schema has no optional returns)."""
+    if not _use_triton(s):
+        dx, dw, db = layer_norm_backward_ref(dy, dres, s, weight, mean, rstd, has_bias)
+    else:
+        n = s.shape[-1]
+        dx, dw, db = _backward_triton(
+            dy.reshape(-1, n).contiguous(),
+            dres.reshape(-1, n).contiguous() if dres is not None else None,
+            s.reshape(-1, n).contiguous(),
+            weight.contiguous() if weight is not None else None,
+            mean.reshape(-1).contiguous(),
+            rstd.reshape(-1).contiguous(),
+            has_bias,
+        )
+        dx = dx.view(s.shape)
     return dx, _or_empty(dw, s), _or_empty(db, s)
 
 
@@ -359,8 +305,7 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
-@_layer_norm_backward_op.register_fake
-def _(dy, dres, s, weight, mean, rstd, has_bias):
+def _layer_norm_backward_fake(dy, dres, s, weight, mean, rstd, has_bias):
     n = s.shape[-1]
     wd = weight.dtype if weight is not None else dy.dtype
     dw = s.new_empty((n,), dtype=wd) if weight is not None else s.new_empty(0)
@@ -371,16 +316,30 @@ def _(dy, dres, s, weight, mean, rstd, has_bias):
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, eps = inputs
     y, s, mean, rstd = output
-    _save(ctx, x, weight, bias, residual, s, mean, rstd)
+    ctx.has_residual = residual is not None
+    ctx.has_bias = bias is not None
+    ctx.x_dtype = x.dtype
+    ctx.res_dtype = residual.dtype if residual is not None else None
+    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _op_backward(ctx, dy, ds, dmean, drstd):
-    dx, dw, db, dr = _grads(ctx, dy, ds, torch.ops.turbotune.layer_norm_backward)
-    return dx, dw, db, dr, None
+def _backward(ctx, dy, ds, dmean, drstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros(s.shape, dtype=ctx.x_dtype, device=s.device)
+    dres = ds if (ctx.has_residual and ds is not None and ds.numel()) else None
+    dsum, dw, db = _LAYER_NORM_BACKWARD.from_backward(ctx, dy, dres, s, weight, mean, rstd, ctx.has_bias)
+    dx = dsum.to(ctx.x_dtype)
+    dr = dsum.to(ctx.res_dtype) if ctx.has_residual else None
+    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), dr, None
 
 
-_layer_norm_op.register_autograd(_op_backward, setup_context=_setup_context)
+_LAYER_NORM_BACKWARD = FusedOp("layer_norm_backward", _layer_norm_backward_impl, fake=_layer_norm_backward_fake)
+_LAYER_NORM = FusedOp(
+    "layer_norm", _layer_norm_impl, fake=_layer_norm_fake,
+    setup_context=_setup_context, backward=_backward, materialize_grads=False,
+)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -444,12 +403,5 @@ def layer_norm(
     PyTorch reference elsewhere and for rows wider than 65,536.
     """
     _check(x, weight, bias, residual, eps)
-    eps = float(eps)
-    if torch.compiler.is_compiling():
-        # Under torch.compile / export the registered op keeps the graph whole.
-        y, s, _, _ = torch.ops.turbotune.layer_norm(x, weight, bias, residual, eps)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-        y, s = _LayerNormFunction.apply(x, weight, bias, residual, eps)
-    else:
-        y, s, _, _ = _forward_impl(x, weight, bias, residual, eps)
+    y, s, _, _ = _LAYER_NORM(x, weight, bias, residual, float(eps))
     return y if residual is None else (y, s)

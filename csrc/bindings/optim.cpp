@@ -45,31 +45,51 @@ cpu::DType to_dtype(int code, const char* name) {
   return static_cast<cpu::DType>(code);
 }
 
+// The per-tensor lists of one AdamW step, checked once for both devices.
+struct AdamWLists {
+  std::vector<void*> params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq;
+  std::vector<float*> master;  // empty without master weights
+};
+
+AdamWLists adamw_lists(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avg, const Ptrs& exp_avg_sq,
+                       const Ptrs& max_exp_avg_sq, const Ptrs& master, const std::vector<int64_t>& numel,
+                       bool amsgrad) {
+  const size_t n = params.size();
+  AdamWLists l;
+  l.params = to_ptrs(params, n, "params");
+  l.grads = to_ptrs(grads, n, "grads");
+  l.exp_avg = to_ptrs(exp_avg, n, "exp_avg");
+  l.exp_avg_sq = to_ptrs(exp_avg_sq, n, "exp_avg_sq");
+  l.max_exp_avg_sq = to_ptrs(max_exp_avg_sq, n, "max_exp_avg_sq", true);
+  for (void* w : to_ptrs(master, n, "master", true)) l.master.push_back(static_cast<float*>(w));
+  if (numel.size() != n) throw std::invalid_argument("numel: expected " + std::to_string(n) + " entries");
+  if (amsgrad && l.max_exp_avg_sq.empty()) throw std::invalid_argument("max_exp_avg_sq: required when amsgrad=True");
+  return l;
+}
+
+// One multi-tensor list (clipping kernels) with its element counts.
+std::vector<void*> tensor_list(const Ptrs& ptrs, const std::vector<int64_t>& numel) {
+  auto p = to_ptrs(ptrs, ptrs.size(), "tensors");
+  if (numel.size() != p.size()) throw std::invalid_argument("numel: expected one entry per tensor");
+  return p;
+}
+
 void adamw_cpu(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avg, const Ptrs& exp_avg_sq,
                const Ptrs& max_exp_avg_sq, const Ptrs& master, const std::vector<int64_t>& numel,
                const std::vector<double>& step, int param_dtype, int state_dtype, double lr, double beta1,
                double beta2, double eps, double weight_decay, bool amsgrad, bool maximize, double grad_multiplier,
                bool stochastic_rounding, uint64_t seed) {
   const size_t n = params.size();
-  auto p = to_ptrs(params, n, "params");
-  auto g = to_ptrs(grads, n, "grads");
-  auto m = to_ptrs(exp_avg, n, "exp_avg");
-  auto v = to_ptrs(exp_avg_sq, n, "exp_avg_sq");
-  auto vm = to_ptrs(max_exp_avg_sq, n, "max_exp_avg_sq", true);
-  auto w = to_ptrs(master, n, "master", true);
-  if (numel.size() != n) throw std::invalid_argument("numel: expected " + std::to_string(n) + " entries");
+  auto l = adamw_lists(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, master, numel, amsgrad);
   if (step.size() != n) throw std::invalid_argument("step: expected " + std::to_string(n) + " entries");
-  if (amsgrad && vm.empty()) throw std::invalid_argument("max_exp_avg_sq: required when amsgrad=True");
-  std::vector<float*> wf(w.size());
-  for (size_t i = 0; i < w.size(); ++i) wf[i] = static_cast<float*>(w[i]);
   cpu::AdamWTensorList t;
   t.n = static_cast<int64_t>(n);
-  t.params = p.data();
-  t.grads = const_cast<const void* const*>(g.data());
-  t.exp_avg = m.data();
-  t.exp_avg_sq = v.data();
-  t.max_exp_avg_sq = amsgrad ? vm.data() : nullptr;
-  t.master = wf.empty() ? nullptr : wf.data();
+  t.params = l.params.data();
+  t.grads = const_cast<const void* const*>(l.grads.data());
+  t.exp_avg = l.exp_avg.data();
+  t.exp_avg_sq = l.exp_avg_sq.data();
+  t.max_exp_avg_sq = amsgrad ? l.max_exp_avg_sq.data() : nullptr;
+  t.master = l.master.empty() ? nullptr : l.master.data();
   t.numel = numel.data();
   t.step = step.data();
   cpu::AdamWHyper h;
@@ -90,16 +110,14 @@ void adamw_cpu(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avg, const
 }
 
 double sum_squares_cpu(const Ptrs& ptrs, const std::vector<int64_t>& numel, int dtype) {
-  auto p = to_ptrs(ptrs, ptrs.size(), "tensors");
-  if (numel.size() != p.size()) throw std::invalid_argument("numel: expected one entry per tensor");
+  auto p = tensor_list(ptrs, numel);
   const cpu::DType d = to_dtype(dtype, "dtype");
   py::gil_scoped_release nogil;
   return cpu::sum_of_squares(static_cast<int64_t>(p.size()), p.data(), numel.data(), d);
 }
 
 void scale_cpu(const Ptrs& ptrs, const std::vector<int64_t>& numel, int dtype, double factor) {
-  auto p = to_ptrs(ptrs, ptrs.size(), "tensors");
-  if (numel.size() != p.size()) throw std::invalid_argument("numel: expected one entry per tensor");
+  auto p = tensor_list(ptrs, numel);
   const cpu::DType d = to_dtype(dtype, "dtype");
   py::gil_scoped_release nogil;
   cpu::scale_inplace(static_cast<int64_t>(p.size()), p.data(), numel.data(), d, static_cast<float>(factor));
@@ -118,29 +136,20 @@ void adamw_cuda(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avg, cons
                 double eps, double weight_decay, bool amsgrad, bool maximize, uintptr_t grad_scale,
                 uintptr_t found_inf, bool stochastic_rounding, uint64_t seed, uintptr_t stream) {
   const size_t n = params.size();
-  auto p = to_ptrs(params, n, "params");
-  auto g = to_ptrs(grads, n, "grads");
-  auto m = to_ptrs(exp_avg, n, "exp_avg");
-  auto v = to_ptrs(exp_avg_sq, n, "exp_avg_sq");
-  auto vm = to_ptrs(max_exp_avg_sq, n, "max_exp_avg_sq", true);
-  auto w = to_ptrs(master, n, "master", true);
+  auto l = adamw_lists(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, master, numel, amsgrad);
   auto s = to_ptrs(step, n, "step");
-  if (numel.size() != n) throw std::invalid_argument("numel: expected " + std::to_string(n) + " entries");
-  if (amsgrad && vm.empty()) throw std::invalid_argument("max_exp_avg_sq: required when amsgrad=True");
   to_dtype(param_dtype, "param_dtype");
   to_dtype(state_dtype, "state_dtype");
-  std::vector<float*> wf(w.size());
-  for (size_t i = 0; i < w.size(); ++i) wf[i] = static_cast<float*>(w[i]);
   std::vector<const float*> sf(n);
   for (size_t i = 0; i < n; ++i) sf[i] = static_cast<const float*>(s[i]);
   cuda::AdamWArgs a{};
   a.n = static_cast<int64_t>(n);
-  a.params = p.data();
-  a.grads = const_cast<const void* const*>(g.data());
-  a.exp_avg = m.data();
-  a.exp_avg_sq = v.data();
-  a.max_exp_avg_sq = amsgrad ? vm.data() : nullptr;
-  a.master = wf.empty() ? nullptr : wf.data();
+  a.params = l.params.data();
+  a.grads = const_cast<const void* const*>(l.grads.data());
+  a.exp_avg = l.exp_avg.data();
+  a.exp_avg_sq = l.exp_avg_sq.data();
+  a.max_exp_avg_sq = amsgrad ? l.max_exp_avg_sq.data() : nullptr;
+  a.master = l.master.empty() ? nullptr : l.master.data();
   a.numel = numel.data();
   a.step = sf.data();
   a.param_dtype = param_dtype;
@@ -166,8 +175,7 @@ void adamw_cuda(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avg, cons
 
 void sum_squares_partials_cuda(const Ptrs& ptrs, const std::vector<int64_t>& numel, int dtype, uintptr_t partials,
                                uintptr_t stream) {
-  auto p = to_ptrs(ptrs, ptrs.size(), "tensors");
-  if (numel.size() != p.size()) throw std::invalid_argument("numel: expected one entry per tensor");
+  auto p = tensor_list(ptrs, numel);
   to_dtype(dtype, "dtype");
   std::vector<const void*> cp(p.begin(), p.end());
   int err;
@@ -192,8 +200,7 @@ void clip_coefficient_cuda(uintptr_t partials, int64_t len, double max_norm, uin
 
 void scale_by_cuda(const Ptrs& ptrs, const std::vector<int64_t>& numel, int dtype, uintptr_t coef,
                    uintptr_t stream) {
-  auto p = to_ptrs(ptrs, ptrs.size(), "tensors");
-  if (numel.size() != p.size()) throw std::invalid_argument("numel: expected one entry per tensor");
+  auto p = tensor_list(ptrs, numel);
   to_dtype(dtype, "dtype");
   int err;
   {

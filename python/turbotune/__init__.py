@@ -2,6 +2,7 @@
 
 Public API (everything else is internal):
 
+- :func:`turbotune.optimize`  make a model (this instance) faster; ``handle.revert()`` undoes it
 - :mod:`turbotune.ops`  fused kernels (``layer_norm``, ...) as ``torch.library`` ops
 - :mod:`turbotune.nn`   drop-in modules (``LayerNorm``)
 - :mod:`turbotune.optim`  fused mixed-precision ``AdamW`` and ``clip_grad_norm_``
@@ -16,5 +17,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import backend, models, nn, ops, optim, padding, tokenizers  # noqa: E402
+from .models import OptimizeHandle, optimize  # noqa: E402
 
-__all__ = ["__version__", "backend", "ops", "nn", "optim", "padding", "models", "tokenizers"]
+__all__ = ["__version__", "optimize", "OptimizeHandle", "backend", "ops", "nn", "optim", "padding", "models",
+           "tokenizers"]

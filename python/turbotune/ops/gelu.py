@@ -1,0 +1,312 @@
+"""Fused bias + GELU: ``y = gelu(x + bias)``, the activation of every BERT
+feed-forward block (``gelu(x @ W1.T + b1)`` with the matmul run without its
+bias).
+
+``approximate="none"`` is the exact erf GELU that BERT uses;
+``approximate="tanh"`` is the tanh approximation (GPT-2's ``gelu_new``), with
+the same meaning as in :func:`torch.nn.functional.gelu`.
+
+This module holds everything about the op:
+
+- :func:`bias_gelu_ref`: plain PyTorch in fp32 (fp64 for fp64 inputs) and the
+  CPU default. For fp32 it is exactly ``F.gelu(x + bias)``, which measured as
+  fast as any other ATen composition (see ``benchmarks/bench_gelu.py``);
+- the Triton kernels: a 2-D tiled forward, and a backward that writes ``dx``
+  while each program sums its rows of ``dx`` for ``dbias`` in fp32 registers
+  (finished by one small reduction launch); the pre-activation ``x + bias`` is
+  recomputed in the backward, never stored;
+- the ``torch.library`` ops ``turbotune::bias_gelu`` and
+  ``turbotune::bias_gelu_backward`` with fake implementations and autograd
+  (through :class:`~turbotune.ops._op.FusedOp`);
+- :func:`bias_gelu`, the public function.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backend
+from . import _rows
+from ._op import FusedOp
+from ._triton import HAS_TRITON, next_power_of_2, tl, triton
+
+OP = "bias_gelu"
+APPROXIMATIONS = ("none", "tanh")
+
+backend.register_op(
+    OP,
+    triton_dtypes=backend.FLOATS,
+    summary="fused bias + GELU, exact erf or tanh (forward and backward)",
+)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _math_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def bias_gelu_ref(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
+    """``gelu(x + bias)`` in plain PyTorch, computed in fp32 (fp64 for fp64 ``x``),
+    returned in ``x``'s dtype; differentiable through ATen's own autograd."""
+    ct = _math_dtype(x)
+    h = x.to(ct)
+    if bias is not None:
+        h = h + bias.to(ct)
+    return F.gelu(h, approximate=approximate).to(x.dtype)
+
+
+def bias_gelu_backward_ref(
+    dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str, need_dbias: bool
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(dx, dbias)`` of :func:`bias_gelu_ref` in fp32 math (``dbias`` sums ``dx`` over all rows)."""
+    ct = _math_dtype(x)
+    h = x.to(ct)
+    if bias is not None:
+        h = h + bias.to(ct)
+    dh = torch.ops.aten.gelu_backward(dy.to(ct), h, approximate=approximate)
+    db = None
+    if bias is not None and need_dbias:
+        db = dh.reshape(-1, x.shape[-1]).sum(0).to(bias.dtype)
+    return dh.to(x.dtype), db
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _tanh(u):
+        # 1 - 2 / (1 + e^{2u}): saturates to +-1 without inf/inf (tl has no tanh in every version).
+        return 1.0 - 2.0 / (1.0 + tl.exp(2.0 * u))
+
+    @triton.jit
+    def _gelu(h, APPROX_TANH: tl.constexpr):
+        if APPROX_TANH:
+            u = 0.7978845608028654 * (h + 0.044715 * h * h * h)  # sqrt(2/pi) (h + 0.044715 h^3)
+            y = 0.5 * h * (1.0 + _tanh(u))
+        else:
+            y = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))  # h * Phi(h)
+        return y
+
+    @triton.jit
+    def _gelu_grad(h, APPROX_TANH: tl.constexpr):
+        if APPROX_TANH:
+            u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+            t = _tanh(u)
+            g = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+        else:
+            cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
+            pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327  # 1 / sqrt(2 pi)
+            g = cdf + h * pdf
+        return g
+
+    @triton.jit
+    def _bias_gelu_fwd_kernel(
+        X, B, Y, M, N, stride_x, stride_y,
+        HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        mask = (rows[:, None] < M) & cmask[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        h = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            h += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        y = _gelu(h, APPROX_TANH)
+        tl.store(Y + r64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _bias_gelu_bwd_kernel(
+        DY, X, B, DX, DB_part, M, N, stride_dy, stride_x, stride_dx, tiles_per_split,
+        HAS_BIAS: tl.constexpr, NEED_DB: tl.constexpr, APPROX_TANH: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Program (j, p): columns block j, row tiles [p * tiles_per_split, ...)."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(1)
+        cmask = cols < N
+        if HAS_BIAS:
+            b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        t_start = split * tiles_per_split
+        t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(M, BLOCK_M))
+        for t in range(t_start, t_end):
+            rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask = (rows[:, None] < M) & cmask[None, :]
+            r64 = rows.to(tl.int64)[:, None]
+            h = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                h += b[None, :]
+            dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dh = dy * _gelu_grad(h, APPROX_TANH)
+            tl.store(DX + r64 * stride_dx + cols[None, :], dh.to(DX.dtype.element_ty), mask=mask)
+            if NEED_DB:
+                acc += dh  # masked elements have dy = 0, so dh = 0
+        if NEED_DB:
+            tl.store(DB_part + split.to(tl.int64) * N + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+def _fwd_blocks(m: int, n: int) -> Tuple[int, int]:
+    block_n = min(next_power_of_2(n), 512)
+    return max(1, min(next_power_of_2(m), 4096 // block_n)), block_n
+
+
+def _bwd_blocks(m: int, n: int) -> Tuple[int, int]:
+    block_n = min(next_power_of_2(n), 256)
+    return max(1, min(next_power_of_2(m), 4096 // block_n)), block_n
+
+
+def _forward_triton(x2: Tensor, b: Optional[Tensor], approximate: str) -> Tensor:
+    m, n = x2.shape
+    y = _rows.alloc((m, n), x2.dtype, x2.device)
+    if m == 0:
+        return y
+    bm, bn = _fwd_blocks(m, n)
+    with _rows.device_guard(x2):
+        _bias_gelu_fwd_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            x2, b if b is not None else x2, y, m, n, x2.stride(0), y.stride(0),
+            HAS_BIAS=b is not None, APPROX_TANH=approximate == "tanh", BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+        )
+    return y
+
+
+def _backward_triton(dy2: Tensor, x2: Tensor, b: Optional[Tensor], approximate: str, need_db: bool):
+    m, n = x2.shape
+    dx = _rows.alloc((m, n), x2.dtype, x2.device)
+    need_db = need_db and b is not None
+    if m == 0:
+        return dx, (torch.zeros(n, dtype=b.dtype, device=b.device) if need_db else None)
+    bm, bn = _bwd_blocks(m, n)
+    col_blocks = triton.cdiv(n, bn)
+    splits, per = _rows.row_splits(m, bm, col_blocks, x2.device)
+    part = _rows.alloc((1, splits, n), torch.float32, x2.device) if need_db else dx
+    with _rows.device_guard(x2):
+        _bias_gelu_bwd_kernel[(col_blocks, splits)](
+            dy2, x2, b if b is not None else x2, dx, part, m, n, dy2.stride(0), x2.stride(0), dx.stride(0), per,
+            HAS_BIAS=b is not None, NEED_DB=need_db, APPROX_TANH=approximate == "tanh",
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+        )
+        db = None
+        if need_db:
+            if splits == 1 and b.dtype == torch.float32:
+                db = part.view(n)
+            else:
+                db = _rows.alloc((n,), b.dtype, b.device)
+                _rows.column_sums(part, db)
+    return dx, db
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def _use_triton(x: Tensor) -> bool:
+    return x.dtype in backend.FLOATS and backend.select(OP, x.device, x.dtype).impl == backend.TRITON
+
+
+def _bias_gelu_impl(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
+    if not _use_triton(x):
+        with torch.no_grad():
+            return bias_gelu_ref(x, bias, approximate).contiguous()
+    n = x.shape[-1]
+    y = _forward_triton(_rows.as_rows(x, n), bias.contiguous() if bias is not None else None, approximate)
+    return y.view(x.shape)
+
+
+def _bias_gelu_fake(x, bias, approximate):
+    return x.new_empty(x.shape)
+
+
+def _bias_gelu_backward_impl(
+    dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str, need_dbias: bool
+) -> Tuple[Tensor, Tensor]:
+    """``(dx, dbias)``; ``dbias`` is empty when there is no bias or it is not needed."""
+    if not _use_triton(x):
+        dx, db = bias_gelu_backward_ref(dy, x, bias, approximate, need_dbias)
+        dx = dx.contiguous()
+    else:
+        n = x.shape[-1]
+        dx, db = _backward_triton(
+            _rows.as_rows(dy, n), _rows.as_rows(x, n), bias.contiguous() if bias is not None else None,
+            approximate, need_dbias,
+        )
+        dx = dx.view(x.shape)
+    return dx, (x.new_empty(0) if db is None else db)
+
+
+def _bias_gelu_backward_fake(dy, x, bias, approximate, need_dbias):
+    db = bias.new_empty(bias.shape) if (bias is not None and need_dbias) else x.new_empty(0)
+    return x.new_empty(x.shape), db
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, approximate = inputs
+    ctx.approximate = approximate
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, bias)
+
+
+def _backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    need_db = ctx.has_bias and ctx.needs_input_grad[1]
+    dx, db = _BIAS_GELU_BACKWARD.from_backward(ctx, dy, x, bias, ctx.approximate, need_db)
+    return dx, (db if need_db else None), None
+
+
+_BIAS_GELU_BACKWARD = FusedOp("bias_gelu_backward", _bias_gelu_backward_impl, fake=_bias_gelu_backward_fake)
+_BIAS_GELU = FusedOp("bias_gelu", _bias_gelu_impl, fake=_bias_gelu_fake, setup_context=_setup_context, backward=_backward)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check(x, bias, approximate):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"bias_gelu: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"bias_gelu: x must be a floating tensor, got dtype {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"bias_gelu: x must have shape (..., N), got a 0-d tensor")
+    if not isinstance(approximate, str) or approximate not in APPROXIMATIONS:
+        raise ValueError(f"bias_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    if bias is None:
+        return
+    n = x.shape[-1]
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"bias_gelu: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.shape != (n,):
+        raise ValueError(f"bias_gelu: bias must have shape ({n},) to match x's last dim, got {tuple(bias.shape)}")
+    if not bias.is_floating_point():
+        raise TypeError(f"bias_gelu: bias must be a floating tensor, got dtype {bias.dtype}")
+    if bias.device != x.device:
+        raise ValueError(f"bias_gelu: bias is on {bias.device} but x is on {x.device}")
+
+
+def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
+    """``gelu(x + bias)`` in one pass.
+
+    Args:
+        x: ``(..., N)`` float32 / float16 / bfloat16 (float64 runs the reference
+            in fp64), e.g. the output of ``F.linear(h, W)`` without its bias.
+        bias: ``(N,)`` any float dtype (e.g. fp32 parameters under autocast), or None.
+        approximate: ``"none"`` (exact erf GELU, BERT's) or ``"tanh"``, as in
+            :func:`torch.nn.functional.gelu`.
+
+    Returns:
+        ``(..., N)`` tensor of ``x``'s dtype and shape (contiguous).
+
+    The math is fp32 whatever the storage dtype. Gradients flow to ``x`` and
+    ``bias`` (``dbias`` is ``dx`` summed over every row, accumulated in fp32).
+    On a GPU the Triton kernels run (the backward recomputes ``x + bias``
+    instead of storing it); elsewhere :func:`bias_gelu_ref` (ATen's
+    ``F.gelu(x + bias)`` for fp32) runs with ATen's autograd.
+    """
+    _check(x, bias, approximate)
+    if _use_triton(x):
+        return _BIAS_GELU(x, bias, approximate)
+    return bias_gelu_ref(x, bias, approximate)

@@ -176,18 +176,68 @@ def test_inference_path_without_autograd(triton_backend, device):
 
 
 @pytest.mark.parametrize("approximate", APPROX)
-def test_cpu_default_is_stock_gelu(approximate):
-    """On CPU (no backend forced) fp32 runs exactly ``F.gelu(x + b)``: same
-    values and gradients, bit for bit."""
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_cpu_default_is_stock_gelu(approximate, with_bias):
+    """On CPU (no backend forced) fp32 computes what ``F.gelu(x + b)`` computes:
+    the same values and dx bit for bit, dbias up to summation order."""
     x = torch.randn(7, 3, 50, requires_grad=True)
-    b = torch.randn(50, requires_grad=True)
+    b = torch.randn(50, requires_grad=True) if with_bias else None
     y = bias_gelu(x, b, approximate)
     dy = torch.randn_like(y)
     y.backward(dy)
-    x2, b2 = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
-    y2 = F.gelu(x2 + b2, approximate=approximate)
+    x2 = x.detach().clone().requires_grad_()
+    b2 = b.detach().clone().requires_grad_() if with_bias else None
+    y2 = F.gelu(x2 + b2 if with_bias else x2, approximate=approximate)
     y2.backward(dy)
-    assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad) and torch.equal(b.grad, b2.grad)
+    assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
+    if with_bias:
+        assert_close(b.grad, b2.grad, atol=1e-5, rtol=1e-6, name="dbias")
+    with torch.no_grad():
+        assert torch.equal(bias_gelu(x, b, approximate), y2)
+
+
+def _big_allocations(fn, nbytes):
+    """How many buffers of at least ``nbytes`` ``fn`` allocates (torch profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.self_cpu_memory_usage >= nbytes)
+
+
+def test_cpu_training_allocates_no_more_than_stock():
+    """BERT's intermediate block on CPU: ``bias_gelu(F.linear(h, W), b)``
+    forward + backward allocates no more full-size buffers than stock
+    ``F.gelu(F.linear(h, W, b))`` (a fresh multi-MB buffer costs page faults
+    here); the count does catch the plain ``F.gelu(x + b)`` composition."""
+    h = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(96, 32, requires_grad=True)
+    b = torch.randn(96, requires_grad=True)
+    dy = torch.randn(64, 96)
+    size = 64 * 96 * 4
+
+    def run(f):
+        return _big_allocations(lambda: torch.autograd.grad(f(), (h, w, b), dy), size)
+
+    stock = run(lambda: F.gelu(F.linear(h, w, b)))
+    assert run(lambda: bias_gelu(F.linear(h, w), b)) <= stock
+    assert run(lambda: F.gelu(F.linear(h, w) + b)) > stock
+
+
+@pytest.mark.parametrize("forced", [None, backend.TRITON])
+def test_linear_gelu(device, forced):
+    h = torch.randn(2, 5, 24, device=device, requires_grad=True)
+    w = torch.randn(40, 24, device=device, requires_grad=True)
+    b = torch.randn(40, device=device, requires_grad=True)
+    with backend.force(forced):
+        y = gelu_mod.linear_gelu(h, w, b)
+        y.square().sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (h, w, b)]
+    y64 = F.gelu(F.linear(*leaves))
+    y64.square().sum().backward()
+    assert_close(y, y64, atol=1e-5, name="y")
+    for name, t, t64 in zip(("dh", "dW", "db"), (h, w, b), leaves):
+        assert_close(t.grad, t64.grad, atol=1e-4, rtol=1e-5, name=name)
+    with pytest.raises(ValueError, match="does not match weight"):
+        gelu_mod.linear_gelu(h, w.t(), b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

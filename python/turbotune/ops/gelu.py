@@ -8,9 +8,9 @@ the same meaning as in :func:`torch.nn.functional.gelu`.
 
 This module holds everything about the op:
 
-- :func:`bias_gelu_ref`: plain PyTorch in fp32 (fp64 for fp64 inputs) and the
-  CPU default. For fp32 it is exactly ``F.gelu(x + bias)``, which measured as
-  fast as any other ATen composition (see ``benchmarks/bench_gelu.py``);
+- :func:`bias_gelu_ref`: plain PyTorch in fp32 (fp64 for fp64 inputs), the
+  tests' reference; the CPU default runs the same math with ATen ops arranged
+  to allocate no more than stock (see ``_forward_aten``);
 - the Triton kernels: a 2-D tiled forward, and a backward that writes ``dx``
   while each program sums its rows of ``dx`` for ``dbias`` in fp32 registers
   (finished by one small reduction launch); the pre-activation ``x + bias`` is
@@ -18,7 +18,9 @@ This module holds everything about the op:
 - the ``torch.library`` ops ``turbotune::bias_gelu`` and
   ``turbotune::bias_gelu_backward`` with fake implementations and autograd
   (through :class:`~turbotune.ops._op.FusedOp`);
-- :func:`bias_gelu`, the public function.
+- :func:`bias_gelu`, the public function, and :func:`linear_gelu`
+  (``gelu(x @ W.T + b)``: the bias inside the matmul on CPU, inside the fused
+  kernel on GPU).
 """
 from __future__ import annotations
 
@@ -60,19 +62,33 @@ def bias_gelu_ref(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "
     return F.gelu(h, approximate=approximate).to(x.dtype)
 
 
-def bias_gelu_backward_ref(
-    dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str, need_dbias: bool
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """``(dx, dbias)`` of :func:`bias_gelu_ref` in fp32 math (``dbias`` sums ``dx`` over all rows)."""
+# The CPU path: ATen ops arranged so that training allocates what stock
+# ``F.gelu(F.linear(h, W, b))`` allocates (one buffer forward, one backward)
+# instead of one more: the GELU runs in place on the fresh sum ``x + bias``,
+# and the backward recomputes that sum and writes the gradient over it. (On
+# this machine's CPU a fresh multi-MB buffer costs more than the pass that
+# fills it: page faults.)
+
+
+def _pre_activation(x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """A fresh ``x + bias`` in the math dtype (fp32, fp64 for fp64 ``x``)."""
     ct = _math_dtype(x)
-    h = x.to(ct)
-    if bias is not None:
-        h = h + bias.to(ct)
-    dh = torch.ops.aten.gelu_backward(dy.to(ct), h, approximate=approximate)
-    db = None
-    if bias is not None and need_dbias:
-        db = dh.reshape(-1, x.shape[-1]).sum(0).to(bias.dtype)
-    return dh.to(x.dtype), db
+    if bias is None:
+        return x.to(ct, copy=True)
+    return torch.add(x.to(ct), bias.to(ct))
+
+
+def _forward_aten(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
+    s = _pre_activation(x, bias)
+    torch.ops.aten.gelu_(s, approximate=approximate)
+    return s.to(x.dtype)
+
+
+def _backward_aten(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str, need_dbias: bool):
+    s = _pre_activation(x, bias)
+    torch.ops.aten.gelu_backward.grad_input(dy.to(s.dtype), s, approximate=approximate, grad_input=s)
+    db = s.reshape(-1, x.shape[-1]).sum(0).to(bias.dtype) if (bias is not None and need_dbias) else None
+    return s.to(x.dtype), db
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -211,8 +227,7 @@ def _use_triton(x: Tensor) -> bool:
 
 def _bias_gelu_impl(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
     if not _use_triton(x):
-        with torch.no_grad():
-            return bias_gelu_ref(x, bias, approximate).contiguous()
+        return _forward_aten(x, bias, approximate).contiguous()
     n = x.shape[-1]
     y = _forward_triton(_rows.as_rows(x, n), bias.contiguous() if bias is not None else None, approximate)
     return y.view(x.shape)
@@ -227,7 +242,7 @@ def _bias_gelu_backward_impl(
 ) -> Tuple[Tensor, Tensor]:
     """``(dx, dbias)``; ``dbias`` is empty when there is no bias or it is not needed."""
     if not _use_triton(x):
-        dx, db = bias_gelu_backward_ref(dy, x, bias, approximate, need_dbias)
+        dx, db = _backward_aten(dy, x, bias, approximate, need_dbias)
         dx = dx.contiguous()
     else:
         n = x.shape[-1]
@@ -301,12 +316,43 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
         ``(..., N)`` tensor of ``x``'s dtype and shape (contiguous).
 
     The math is fp32 whatever the storage dtype. Gradients flow to ``x`` and
-    ``bias`` (``dbias`` is ``dx`` summed over every row, accumulated in fp32).
-    On a GPU the Triton kernels run (the backward recomputes ``x + bias``
-    instead of storing it); elsewhere :func:`bias_gelu_ref` (ATen's
-    ``F.gelu(x + bias)`` for fp32) runs with ATen's autograd.
+    ``bias`` (``dbias`` is ``dx`` summed over every row, accumulated in fp32);
+    the backward recomputes ``x + bias`` instead of storing it, so only ``x``
+    and ``bias`` are saved. On a GPU the Triton kernels run; elsewhere ATen ops
+    (an in-place GELU on the fresh sum, so as few buffers as stock
+    ``F.gelu(F.linear(h, W, b))`` allocates). Not twice differentiable.
+    When the bias comes from a linear layer on CPU, :func:`linear_gelu` is
+    cheaper still (ATen folds the bias into the matmul there).
     """
     _check(x, bias, approximate)
-    if _use_triton(x):
-        return _BIAS_GELU(x, bias, approximate)
-    return bias_gelu_ref(x, bias, approximate)
+    return _BIAS_GELU(x, bias, approximate)
+
+
+def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
+    """``gelu(x @ weight.T + bias)``: BERT's intermediate block, each part where it is cheapest.
+
+    Args:
+        x: ``(..., K)`` float tensor.
+        weight: ``(N, K)``, ``x``'s dtype (or autocast's).
+        bias: ``(N,)`` or None.
+        approximate: ``"none"`` (exact erf GELU) or ``"tanh"``.
+
+    Returns:
+        ``(..., N)`` in the matmul's output dtype.
+
+    With Triton (GPU) the matmul runs without its bias and :func:`bias_gelu`
+    adds it in its fused kernel, whose backward also produces ``dbias``
+    without another pass. Elsewhere this is exactly stock
+    ``F.gelu(F.linear(x, weight, bias))``: ATen's CPU ``addmm`` folds the bias
+    into the matmul, which no separate elementwise op can beat.
+    """
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"linear_gelu: weight must be a (N, K) tensor, got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    if isinstance(x, Tensor) and x.dim() >= 1 and x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_gelu: x's last dim {x.shape[-1]} does not match weight's K = {weight.shape[1]}")
+    if bias is not None and isinstance(x, Tensor) and _use_triton(x):
+        return bias_gelu(F.linear(x, weight), bias, approximate)
+    if not isinstance(approximate, str) or approximate not in APPROXIMATIONS:
+        raise ValueError(f"linear_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return F.gelu(F.linear(x, weight, bias), approximate=approximate)

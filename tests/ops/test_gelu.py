@@ -177,9 +177,13 @@ def test_inference_path_without_autograd(triton_backend, device):
 
 @pytest.mark.parametrize("approximate", APPROX)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_cpu_default_is_stock_gelu(approximate, with_bias):
+@pytest.mark.parametrize("regime", ["small", "large"])
+def test_cpu_default_is_stock_gelu(monkeypatch, approximate, with_bias, regime):
     """On CPU (no backend forced) fp32 computes what ``F.gelu(x + b)`` computes:
-    the same values and dx bit for bit, dbias up to summation order."""
+    the same values and dx bit for bit, dbias up to summation order, in both
+    regimes (the large one forced by a zero threshold)."""
+    if regime == "large":
+        monkeypatch.setattr(gelu_mod, "CPU_INPLACE_MIN_BYTES", 0)
     x = torch.randn(7, 3, 50, requires_grad=True)
     b = torch.randn(50, requires_grad=True) if with_bias else None
     y = bias_gelu(x, b, approximate)
@@ -203,11 +207,13 @@ def _big_allocations(fn, nbytes):
     return sum(1 for e in prof.events() if e.self_cpu_memory_usage >= nbytes)
 
 
-def test_cpu_training_allocates_no_more_than_stock():
-    """BERT's intermediate block on CPU: ``bias_gelu(F.linear(h, W), b)``
-    forward + backward allocates no more full-size buffers than stock
-    ``F.gelu(F.linear(h, W, b))`` (a fresh multi-MB buffer costs page faults
-    here); the count does catch the plain ``F.gelu(x + b)`` composition."""
+def test_cpu_training_allocates_no_more_than_stock(monkeypatch):
+    """BERT's intermediate block on CPU, for tensors in the large regime:
+    ``bias_gelu(F.linear(h, W), b)`` forward + backward allocates no more
+    full-size buffers than stock ``F.gelu(F.linear(h, W, b))`` (a fresh
+    buffer of that size costs page faults); the count does catch the plain
+    ``F.gelu(x + b)`` composition (which the small regime uses)."""
+    monkeypatch.setattr(gelu_mod, "CPU_INPLACE_MIN_BYTES", 0)
     h = torch.randn(64, 32, requires_grad=True)
     w = torch.randn(96, 32, requires_grad=True)
     b = torch.randn(96, requires_grad=True)
@@ -251,8 +257,12 @@ def test_cpu_default_half_computes_in_fp32(dtype):
 
 @pytest.mark.parametrize("forced", [None, backend.TRITON])
 @pytest.mark.parametrize("approximate", APPROX)
-def test_fp64_gradcheck(device, forced, approximate):
-    """fp64 runs the reference in fp64 math whatever is forced: gradcheck passes for x and bias."""
+@pytest.mark.parametrize("threshold", [None, 0])
+def test_fp64_gradcheck(device, monkeypatch, forced, approximate, threshold):
+    """fp64 runs in fp64 math whatever is forced (and through the op's own
+    backward when the large-tensor path is forced): gradcheck passes for x and bias."""
+    if threshold is not None:
+        monkeypatch.setattr(gelu_mod, "CPU_INPLACE_MIN_BYTES", threshold)
     x = torch.randn(3, 2, 9, device=device, dtype=torch.float64, requires_grad=True)
     b = torch.randn(9, device=device, dtype=torch.float64, requires_grad=True)
     with backend.force(forced):

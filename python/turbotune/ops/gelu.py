@@ -62,12 +62,16 @@ def bias_gelu_ref(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "
     return F.gelu(h, approximate=approximate).to(x.dtype)
 
 
-# The CPU path: ATen ops arranged so that training allocates what stock
-# ``F.gelu(F.linear(h, W, b))`` allocates (one buffer forward, one backward)
-# instead of one more: the GELU runs in place on the fresh sum ``x + bias``,
-# and the backward recomputes that sum and writes the gradient over it. (On
-# this machine's CPU a fresh multi-MB buffer costs more than the pass that
-# fills it: page faults.)
+# The CPU path, two regimes (measured in benchmarks/RESULTS.md):
+# - below CPU_INPLACE_MIN_BYTES, plain ``F.gelu(x + bias)`` with ATen's autograd:
+#   the allocator recycles buffers that size, and saving the sum beats
+#   recomputing it;
+# - from there up (where glibc hands out fresh mmap pages and every new buffer
+#   page-faults), ATen ops arranged to allocate only what stock
+#   ``F.gelu(F.linear(h, W, b))`` allocates (one buffer forward, one backward):
+#   the GELU runs in place on the fresh sum ``x + bias``, and the backward
+#   recomputes that sum and writes the gradient over it.
+CPU_INPLACE_MIN_BYTES = 32 << 20  # glibc's largest dynamic mmap threshold
 
 
 def _pre_activation(x: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -318,13 +322,21 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
     The math is fp32 whatever the storage dtype. Gradients flow to ``x`` and
     ``bias`` (``dbias`` is ``dx`` summed over every row, accumulated in fp32);
     the backward recomputes ``x + bias`` instead of storing it, so only ``x``
-    and ``bias`` are saved. On a GPU the Triton kernels run; elsewhere ATen ops
-    (an in-place GELU on the fresh sum, so as few buffers as stock
-    ``F.gelu(F.linear(h, W, b))`` allocates). Not twice differentiable.
+    and ``bias`` are saved. On a GPU the Triton kernels run; elsewhere ATen
+    ops: ``F.gelu(x + bias)`` for tensors under 32 MiB, and above that an
+    in-place GELU on the fresh sum (as few buffers as stock
+    ``F.gelu(F.linear(h, W, b))`` allocates). The fused paths are not twice
+    differentiable.
     When the bias comes from a linear layer on CPU, :func:`linear_gelu` is
     cheaper still (ATen folds the bias into the matmul there).
     """
     _check(x, bias, approximate)
+    if (
+        x.numel() * 4 < CPU_INPLACE_MIN_BYTES
+        and not torch.compiler.is_compiling()
+        and not _use_triton(x)
+    ):
+        return bias_gelu_ref(x, bias, approximate)
     return _BIAS_GELU(x, bias, approximate)
 
 

@@ -1,7 +1,6 @@
 """Bias + GELU suite: turbotune's ``bias_gelu`` vs stock PyTorch.
 
-- ``bias_gelu``: the elementwise op alone, ``bias_gelu(x, b)`` vs ``F.gelu(x + b)``
-  (GPU only: on a CPU both run the same ATen code);
+- ``bias_gelu``: the elementwise op alone, ``bias_gelu(x, b)`` vs ``F.gelu(x + b)``;
 - ``linear_gelu``: BERT's intermediate block as each side writes it,
   ``F.gelu(F.linear(h, W, b))`` (stock) vs ``bias_gelu(F.linear(h, W), b)``
   (turbotune: the matmul without its bias, then the fused op). CPU rows measure
@@ -64,3 +63,4 @@ def gelu_suite(quick: bool, device: torch.device):
     # BERT-base (768) widths, about one padding-free batch of 32 movie reviews.
     for hidden in [384] if quick else [384, 768]:
         yield from _linear_cases(1024, hidden, torch.float32, device, ("fwd", "fwd+bwd"))
+    yield from _elementwise_cases(1024, 1536, torch.float32, device)

@@ -6,6 +6,11 @@ On a shared machine, time paired rounds instead (torch and turbotune
 alternate inside one loop, so load changes hit both alike)::
 
     python benchmarks/bench_gelu.py --rounds 15 --threads 2
+    python benchmarks/bench_gelu.py --rounds 31 --threads 1 --clock cpu   # CPU time of this process
+
+``--clock cpu`` counts only this process's CPU time (``time.process_time``),
+which other processes' load hardly moves (cache and memory-bandwidth sharing
+still do); with one thread it equals the compute time.
 """
 import argparse
 import statistics
@@ -28,7 +33,7 @@ def test_gelu(benchmark, case):
     benchmark(run)
 
 
-def paired(suite: str, rounds: int = 15, quick: bool = False, modes=("fwd", "fwd+bwd")) -> str:
+def paired(suite: str, rounds: int = 15, quick: bool = False, modes=("fwd", "fwd+bwd"), clock: str = "wall") -> str:
     """Time every (op, mode, shape, dtype) group of ``suite`` in paired rounds:
     each round runs the torch case then the turbotune case once. Returns a
     Markdown table with min / median ms and the ratio torch / turbotune of each."""
@@ -40,14 +45,16 @@ def paired(suite: str, rounds: int = 15, quick: bool = False, modes=("fwd", "fwd
         if c.mode in modes:
             groups.setdefault(c.key(), {})[c.provider] = c
 
+    now = time.process_time if clock == "cpu" and device.type == "cpu" else time.perf_counter
+
     def once(fn):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1e3
+        return (now() - t0) * 1e3
 
     lines = ["| op | mode | shape | dtype | torch min / median ms | turbotune min / median ms | ratio (min) | ratio (median) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -74,11 +81,13 @@ def main(suite: str = SUITE) -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time, or this process's CPU time")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# {suite}: paired rounds ({args.rounds}), torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(paired(suite, args.rounds, args.quick))
+    print(f"# {suite}: paired rounds ({args.rounds}), {args.clock} clock, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(paired(suite, args.rounds, args.quick, clock=args.clock))
 
 
 if __name__ == "__main__":

@@ -331,12 +331,12 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
     cheaper still (ATen folds the bias into the matmul there).
     """
     _check(x, bias, approximate)
-    if (
-        x.numel() * 4 < CPU_INPLACE_MIN_BYTES
-        and not torch.compiler.is_compiling()
-        and not _use_triton(x)
-    ):
-        return bias_gelu_ref(x, bias, approximate)
+    if not torch.compiler.is_compiling() and not _use_triton(x):
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        if not needs_grad:
+            return _forward_aten(x, bias, approximate)  # inference: one buffer, GELU in place
+        if x.numel() * 4 < CPU_INPLACE_MIN_BYTES:
+            return bias_gelu_ref(x, bias, approximate)
     return _BIAS_GELU(x, bias, approximate)
 
 

@@ -4,21 +4,13 @@
 
 Paired rounds on a shared machine: ``python benchmarks/bench_cross_entropy.py --rounds 15``.
 """
-import torch
+from bench_gelu import time_case  # benchmarks/ is on sys.path (pytest and python alike)
 
 SUITE = "cross_entropy"
 
 
 def test_cross_entropy(benchmark, case):
-    benchmark.group = f"{case.op} {case.mode} {case.shape} {case.dtype}"
-    benchmark.extra_info.update(provider=case.provider, baseline=case.baseline)
-
-    def run():
-        case.fn()
-        if case.device == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark(run)
+    time_case(benchmark, case)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ import torch
 SUITE = "gelu"
 
 
-def test_gelu(benchmark, case):
+def time_case(benchmark, case):
+    """Time one suite case with pytest-benchmark, grouped with its torch baseline
+    (shared by bench_gelu, bench_cross_entropy and bench_layer_norm)."""
     benchmark.group = f"{case.op} {case.mode} {case.shape} {case.dtype}"
     benchmark.extra_info.update(provider=case.provider, baseline=case.baseline)
 
@@ -31,6 +33,10 @@ def test_gelu(benchmark, case):
             torch.cuda.synchronize()
 
     benchmark(run)
+
+
+def test_gelu(benchmark, case):
+    time_case(benchmark, case)
 
 
 def paired(suite: str, rounds: int = 15, quick: bool = False, modes=("fwd", "fwd+bwd"), clock: str = "wall") -> str:

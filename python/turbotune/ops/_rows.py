@@ -78,7 +78,7 @@ def column_sums(part: Tensor, out0: Tensor, out1: Optional[Tensor] = None) -> No
     k, rows, n = part.shape
     if k != (1 if out1 is None else 2):
         raise ValueError(f"column_sums: part has {k} slices but {1 if out1 is None else 2} outputs were given")
-    block_c = min(128, next_power_of_2(n))
+    block_c = min(128, max(16, next_power_of_2(n)))
     _column_sums_kernel[(triton.cdiv(n, block_c), k)](
         part, out0, out0 if out1 is None else out1, rows, n, BLOCK_R=32, BLOCK_C=block_c, num_warps=4
     )

@@ -180,7 +180,7 @@ if HAS_TRITON:
 
 
 def _block_v(v: int) -> int:
-    return min(MAX_BLOCK_V, next_power_of_2(v))
+    return min(MAX_BLOCK_V, max(16, next_power_of_2(v)))  # >= 16: no 1-wide blocks on the GPU
 
 
 def _warps(block_v: int) -> int:

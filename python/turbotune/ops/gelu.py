@@ -173,12 +173,12 @@ if HAS_TRITON:
 
 
 def _fwd_blocks(m: int, n: int) -> Tuple[int, int]:
-    block_n = min(next_power_of_2(n), 512)
+    block_n = min(max(16, next_power_of_2(n)), 512)  # >= 16: no 1-wide blocks on the GPU
     return max(1, min(next_power_of_2(m), 4096 // block_n)), block_n
 
 
 def _bwd_blocks(m: int, n: int) -> Tuple[int, int]:
-    block_n = min(next_power_of_2(n), 256)
+    block_n = min(max(16, next_power_of_2(n)), 256)
     return max(1, min(next_power_of_2(m), 4096 // block_n)), block_n
 
 

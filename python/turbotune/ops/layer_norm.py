@@ -207,7 +207,7 @@ def _forward_triton(x2, w, b, r2, eps):
     rstd = _rows.alloc((m,), torch.float32, x2.device)
     if m == 0:
         return y, s, mean, rstd
-    block_n = next_power_of_2(n)
+    block_n = max(16, next_power_of_2(n))  # >= 16: no 1-wide blocks on the GPU
     with _rows.device_guard(x2):
         _ln_fwd_kernel[(m,)](
             x2, r2 if r2 is not None else x2, w if w is not None else x2, b if b is not None else x2,
@@ -223,7 +223,7 @@ def _forward_triton(x2, w, b, r2, eps):
 def _bwd_plan(m: int, n: int, device: torch.device, block_m: Optional[int] = None,
               per_sm: Optional[int] = None) -> Tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, programs, tiles_per_program)`` of the backward."""
-    block_n = next_power_of_2(n)
+    block_n = max(16, next_power_of_2(n))
     if block_m is None:
         block_m = max(1, min(32, BWD_TILE_ELEMENTS // block_n, next_power_of_2(m)))
     tiles = triton.cdiv(m, block_m)

@@ -317,12 +317,12 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
             :func:`torch.nn.functional.gelu`.
 
     Returns:
-        ``(..., N)`` tensor of ``x``'s dtype and shape (contiguous).
+        ``(..., N)`` tensor of ``x``'s dtype and shape.
 
     The math is fp32 whatever the storage dtype. Gradients flow to ``x`` and
     ``bias`` (``dbias`` is ``dx`` summed over every row, accumulated in fp32);
-    the backward recomputes ``x + bias`` instead of storing it, so only ``x``
-    and ``bias`` are saved. On a GPU the Triton kernels run; elsewhere ATen
+    the fused paths recompute ``x + bias`` in the backward instead of storing
+    it (only ``x`` and ``bias`` are saved). On a GPU the Triton kernels run; elsewhere ATen
     ops: ``F.gelu(x + bias)`` for tensors under 32 MiB, and above that an
     in-place GELU on the fresh sum (as few buffers as stock
     ``F.gelu(F.linear(h, W, b))`` allocates). The fused paths are not twice

@@ -52,6 +52,14 @@ t0=$(date +%s)
 bench_rc=$?
 echo "bench rc=$bench_rc in $(( $(date +%s) - t0 ))s (bench/bench.json, bench/bench.md)" | tee -a "$OUT/summary.txt"
 
+# LayerNorm / bias+GELU / cross-entropy: fwd and fwd+bwd vs torch, then the LayerNorm
+# backward launch-plan sweep (rows per tile x programs per SM) that picks its defaults (<= 150 s).
+step "row ops: LayerNorm / bias+GELU / cross-entropy vs torch, LayerNorm backward plans"
+t0=$(date +%s)
+timeout 150 $PY -c "from turbotune.bench.suites.layer_norm import gpu_report; gpu_report()" > "$OUT/rowops.log" 2>&1
+echo "row ops rc=$? in $(( $(date +%s) - t0 ))s (rowops.log)" | tee -a "$OUT/summary.txt"
+tee -a "$OUT/summary.txt" < "$OUT/rowops.log"
+
 step "summary: turbotune vs torch (median-time ratio, > 1 = faster)"
 $PY - "$OUT/bench/bench.json" <<'PYEOF' | tee -a "$OUT/summary.txt"
 import json, sys

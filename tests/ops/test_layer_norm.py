@@ -1,13 +1,18 @@
 """Fused residual-add + LayerNorm: Triton kernels (interpreted on CPU, compiled on
 GPU) against an fp64 PyTorch reference, forward and every gradient."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import turbotune
 from turbotune import backend
+from turbotune.ops import _rows
 from turbotune.ops.layer_norm import layer_norm, layer_norm_ref
 from turbotune.testing import DTYPE_PARAMS, assert_close
+
+ln_mod = importlib.import_module("turbotune.ops.layer_norm")  # the module (turbotune.ops.layer_norm is the function)
 
 HIDDEN = [1, 7, 383, 768, 1000, 1024, 4096]
 
@@ -76,9 +81,46 @@ def test_layer_norm_3d(triton_backend, device, dtype, atol, rtol, n, residual):
     _check_case((2, 3, n), dtype, atol, rtol, device, residual)
 
 
-def test_layer_norm_many_rows(triton_backend, device):
-    """More rows than persistent backward programs: each program loops over several rows."""
-    _check_case((37, 129), torch.float32, 1e-5, 1e-5, device, residual=True)
+@pytest.mark.parametrize("rows, n", [(150, 129), (37, 1000), (301, 48)])
+def test_layer_norm_many_rows(triton_backend, device, rows, n):
+    """More row tiles than persistent backward programs (each program loops over
+    several 2-D tiles, the last one partial), then one launch reduces dw and db."""
+    block_m, _, programs, per = ln_mod._bwd_plan(rows, n, device)
+    if device.type == "cpu":
+        assert per > 1 and rows % block_m != 0, "the shape must make programs loop over a partial last tile"
+    _check_case((rows, n), torch.float32, 1e-5, 1e-5, device, residual=True)
+
+
+@pytest.mark.parametrize("block_m, per_sm", [(1, 1), (2, 3), (8, 2)])
+def test_backward_launch_plans(triton_backend, device, block_m, per_sm):
+    """Every backward tiling the GPU sweep may pick gives the reference gradients."""
+    x, w, b, r = _inputs((13, 200), torch.float32, device, residual=True)
+    y, s, mean, rstd = torch.ops.turbotune.layer_norm(x, w, b, r, 1e-5)
+    dy, dres = torch.randn_like(y), torch.randn_like(y)
+    want = ln_mod.layer_norm_backward_ref(dy, dres, s, w, mean, rstd, True)
+    got = ln_mod._backward_triton(dy, dres, s, w.detach(), mean, rstd, True, block_m=block_m, per_sm=per_sm)
+    for name, g, e in zip(("dx", "dw", "db"), got, want):
+        assert_close(g, e, atol=1e-5, rtol=1e-5, name=name)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("forced", [None, backend.TRITON])
+def test_fp64_gradcheck(device, forced, residual):
+    """fp64 runs the reference in fp64 math (never the fp32 kernels), so
+    gradcheck passes for x, weight, bias and residual, whichever backend is forced."""
+    torch.manual_seed(3)
+    shape = (2, 3, 9)
+    x = torch.randn(shape, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(9, device=device, dtype=torch.float64).add_(0.5).requires_grad_()
+    b = torch.randn(9, device=device, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(shape, device=device, dtype=torch.float64, requires_grad=True) if residual else None
+    with backend.force(forced):
+        y = layer_norm(x, w, b, 1e-5, residual=r)
+        y = y[0] if residual else y
+        assert y.dtype == torch.float64
+        assert_close(y, F.layer_norm(x + r if residual else x, (9,), w, b, 1e-5), atol=1e-12, rtol=1e-12, name="y")
+        inputs = (x, w, b, r) if residual else (x, w, b)
+        assert torch.autograd.gradcheck(lambda *t: layer_norm(t[0], t[1], t[2], 1e-5, *t[3:]), inputs)
 
 
 def test_layer_norm_no_affine(triton_backend, device):
@@ -105,47 +147,48 @@ def test_reference_matches_torch(device):
         _check_case((6, 300), torch.float32, 1e-5, 1e-5, device, residual=True)
 
 
-def test_every_output_element_written(triton_backend, device):
-    """Outputs come from torch.empty: poison the allocator's recycled memory with NaN first."""
-    torch.manual_seed(1)
-    shape = (9, 1000)
-    junk = torch.full((4 * 9 * 1000,), float("nan"), device=device)
-    del junk
+def _assert_every_element_written(device, shape=(21, 383)):
+    """Forward + backward through the public function with every kernel output
+    buffer (y, s, mean, rstd, dx, the partial sums, dw, db) handed out NaN-filled."""
     x, w, b, r = _inputs(shape, torch.float32, device, residual=True)
-    y, s = layer_norm(x, w, b, residual=r)
-    assert not torch.isnan(y).any() and not torch.isnan(s).any()
-    # And a poisoned upstream gradient buffer layout: dx must be finite everywhere.
-    y.sum().backward()
-    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all() and torch.isfinite(b.grad).all()
-
-
-def test_triton_launcher_writes_every_element(triton_backend, device):
-    """Call the launcher with NaN-filled output buffers to prove every element is written."""
-    import importlib
-
-    mod = importlib.import_module("turbotune.ops.layer_norm")
-
-    x = torch.randn(11, 383, device=device)
-    w, b = torch.rand(383, device=device) + 0.5, torch.randn(383, device=device)
-    real_empty = torch.empty
-    real_empty_like = torch.empty_like
-
-    def nan_empty(*args, **kw):
-        t = real_empty(*args, **kw)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def nan_empty_like(*args, **kw):
-        t = real_empty_like(*args, **kw)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    try:
-        torch.empty, torch.empty_like = nan_empty, nan_empty_like
-        y, s, mean, rstd = mod._forward_triton(x, w, b, x.clone(), 1e-5)
-        dx, dw, db = mod._backward_triton(torch.randn_like(x), torch.randn_like(x), s, w, mean, rstd, True)
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_empty_like
-    for name, t in dict(y=y, s=s, mean=mean, rstd=rstd, dx=dx, dw=dw, db=db).items():
+    with _rows.poisoned_outputs() as buffers:
+        y, s = layer_norm(x, w, b, residual=r)
+        (y * torch.randn_like(y) + s).sum().backward()
+    assert len(buffers) >= 8, f"only {len(buffers)} buffers came from the poisoned allocator"
+    for name, t in dict(y=y, s=s, dx=x.grad, dres=r.grad, dw=w.grad, db=b.grad).items():
         assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) elements"
+
+
+def test_every_output_element_written(triton_backend, device):
+    _assert_every_element_written(device)
+
+
+class _SkipLastRow:
+    """A deliberately broken launch: the forward grid misses the last row, or the
+    backward is told there is one row fewer."""
+
+    def __init__(self, kernel, backward):
+        self.kernel, self.backward = kernel, backward
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid if self.backward else (grid[0] - 1,)]
+        if not self.backward:
+            return launch
+
+        def launch_short(*args, **kw):
+            args = list(args)
+            args[12] -= 1  # M
+            return launch(*args, **kw)
+
+        return launch_short
+
+
+@pytest.mark.parametrize("kernel", ["_ln_fwd_kernel", "_ln_bwd_kernel"])
+def test_poisoned_output_check_catches_a_skipped_row(triton_backend, device, monkeypatch, kernel):
+    """The check above can fail: with a kernel that skips the last row it does."""
+    monkeypatch.setattr(ln_mod, kernel, _SkipLastRow(getattr(ln_mod, kernel), backward=kernel == "_ln_bwd_kernel"))
+    with pytest.raises(AssertionError, match="unwritten"):
+        _assert_every_element_written(device)
 
 
 def test_empty_batch(triton_backend, device):

@@ -13,3 +13,7 @@ __all__ = [
     "layer_norm",
     "layer_norm_ref",
 ]
+from .cross_entropy import cross_entropy, cross_entropy_ref  # noqa: E402
+from .gelu import bias_gelu, bias_gelu_ref, linear_gelu  # noqa: E402
+
+__all__ += ["bias_gelu", "bias_gelu_ref", "cross_entropy", "cross_entropy_ref", "linear_gelu"]

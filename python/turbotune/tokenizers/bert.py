@@ -121,6 +121,14 @@ def _check_token(name: str, value: Any, allow_none: bool = True) -> Optional[str
     return value
 
 
+def _is_utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _to_list(value: Any) -> Any:
     """Tensors / arrays (and lists of them) -> Python lists, as transformers' ``to_py_obj``."""
     if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
@@ -206,6 +214,12 @@ class BertTokenizer:
             raise TypeError(f"vocab: expected a path, a list of tokens or a dict token->id, got {type(vocab).__name__}")
         if not tokens:
             raise ValueError("vocab: expected at least one token, got an empty vocabulary")
+        try:
+            "".join(tokens).encode("utf-8")
+        except UnicodeEncodeError:
+            i = next(i for i, t in enumerate(tokens) if not _is_utf8(t))
+            raise ValueError(f"vocab[{i}]: {tokens[i]!r} holds a lone surrogate code point (U+D800..U+DFFF), "
+                             "which cannot be encoded as UTF-8") from None
         if not isinstance(unk_token, str) or not unk_token:
             raise ValueError(f"unk_token: WordPiece needs an unknown token (a str in the vocabulary), got {unk_token!r}")
         for name in ("sep_token", "pad_token", "cls_token", "mask_token"):
@@ -217,6 +231,8 @@ class BertTokenizer:
             _check_token(f"additional_special_tokens[{i}]", t, allow_none=False)
         if not isinstance(wordpieces_prefix, str):
             raise TypeError(f"wordpieces_prefix: expected a str, got {type(wordpieces_prefix).__name__}")
+        if not _is_utf8(wordpieces_prefix):
+            raise ValueError(f"wordpieces_prefix: {wordpieces_prefix!r} holds a lone surrogate code point")
         self._tokens: List[str] = tokens
         self._build = dict(
             do_lower_case=_check_bool("do_lower_case", do_lower_case),
@@ -888,6 +904,9 @@ class BertTokenizer:
                 raise ValueError(
                     f"stride: tokenizer stride set to {stride}, which is greater than or equal to its effective max "
                     f"length of {max_length - 2} (= {max_length} original max length - 2 added special tokens)")
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                        or num_threads < 1):
+            raise ValueError(f"num_threads: expected a positive int or None, got {num_threads!r}")
         overflow = bool(return_overflowing_tokens)
         want_mask = True if return_attention_mask is None else bool(return_attention_mask)
         want_types = True if return_token_type_ids is None else bool(return_token_type_ids)

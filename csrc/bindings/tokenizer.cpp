@@ -120,8 +120,22 @@ class PyTokenizer {
                         int sep_id, int pad_id, int pad_type_id, int truncation, int64_t max_length,
                         bool truncate_left, int padding, int64_t pad_to_multiple_of, bool pad_left,
                         bool return_offsets, bool return_attention_mask, bool return_token_type_ids,
-                        bool return_special_tokens_mask, int num_threads, const py::object& text_splits,
-                        const py::object& pair_splits, int64_t stride, bool overflow, bool return_word_ids) {
+                        bool return_special_tokens_mask, int num_threads, const py::object& extra) {
+    // The options the plain call never uses come packed in one argument (None on that path: every
+    // argument pybind11 parses costs ~50 ns, a few percent of a small batch's call):
+    // (text_splits, pair_splits, stride, overflow, return_word_ids).
+    py::object text_splits = py::none(), pair_splits = py::none();
+    int64_t stride = 0;
+    bool overflow = false, return_word_ids = false;
+    if (!extra.is_none()) {
+      auto t = extra.cast<py::tuple>();
+      if (t.size() != 5) throw py::value_error("extra: expected (text_splits, pair_splits, stride, overflow, word_ids)");
+      text_splits = t[0];
+      pair_splits = t[1];
+      stride = t[2].cast<int64_t>();
+      overflow = t[3].cast<bool>();
+      return_word_ids = t[4].cast<bool>();
+    }
     if (truncation < 0 || truncation > 3) throw py::value_error("truncation: expected 0..3");
     if (padding < 0 || padding > 2) throw py::value_error("padding: expected 0..2");
     if (pad_to_multiple_of < 0) throw py::value_error("pad_to_multiple_of: expected a positive int or None");
@@ -171,27 +185,31 @@ class PyTokenizer {
     }
     const size_t m = batch.rows.size();
     const py::ssize_t total = py::ssize_t(batch.total);
-    py::array_t<int64_t> ids(total);
-    py::array_t<int64_t> mask, types, special, offsets;
-    py::array_t<int32_t> words;
-    py::array_t<int8_t> seq_ids;
+    // Only the requested arrays are created (a default-constructed py::array_t is a real,
+    // empty numpy array: about a microsecond each, on every call).
+    py::dict d;
     tok::OutputBuffers o;
-    o.input_ids = ids.mutable_data();
-    if (return_attention_mask) { mask = py::array_t<int64_t>(total); o.attention_mask = mask.mutable_data(); }
-    if (return_token_type_ids) { types = py::array_t<int64_t>(total); o.token_type_ids = types.mutable_data(); }
-    if (return_special_tokens_mask) {
-      special = py::array_t<int64_t>(total);
-      o.special_tokens_mask = special.mutable_data();
-    }
+    auto int64_out = [&](const char* key) {
+      py::array_t<int64_t> a(total);
+      d[key] = a;
+      return a.mutable_data();
+    };
+    o.input_ids = int64_out("input_ids");
+    if (return_attention_mask) o.attention_mask = int64_out("attention_mask");
+    if (return_token_type_ids) o.token_type_ids = int64_out("token_type_ids");
+    if (return_special_tokens_mask) o.special_tokens_mask = int64_out("special_tokens_mask");
     if (return_offsets) {
-      offsets = py::array_t<int64_t>(std::vector<py::ssize_t>{total, 2});
-      o.offsets = offsets.mutable_data();
+      py::array_t<int64_t> a(std::vector<py::ssize_t>{total, 2});
+      d["offset_mapping"] = a;
+      o.offsets = a.mutable_data();
     }
     if (return_word_ids) {
-      words = py::array_t<int32_t>(total);
+      py::array_t<int32_t> words(total);
+      py::array_t<int8_t> seq_ids(total);
       o.word_ids = words.mutable_data();
-      seq_ids = py::array_t<int8_t>(total);
       o.sequence_ids = seq_ids.mutable_data();
+      d["word_ids"] = words;
+      d["sequence_ids"] = seq_ids;
     }
     py::array_t<int64_t> length(static_cast<py::ssize_t>(m)), width(static_cast<py::ssize_t>(m));
     {
@@ -203,16 +221,6 @@ class PyTokenizer {
     for (size_t r = 0; r < m; ++r) {
       lp[r] = batch.length[r];
       wp[r] = batch.width[r];
-    }
-    py::dict d;
-    d["input_ids"] = ids;
-    if (return_attention_mask) d["attention_mask"] = mask;
-    if (return_token_type_ids) d["token_type_ids"] = types;
-    if (return_special_tokens_mask) d["special_tokens_mask"] = special;
-    if (return_offsets) d["offset_mapping"] = offsets;
-    if (return_word_ids) {
-      d["word_ids"] = words;
-      d["sequence_ids"] = seq_ids;
     }
     if (overflow) {
       py::array_t<int64_t> sample(static_cast<py::ssize_t>(m));
@@ -277,12 +285,13 @@ void bind_tokenizer(py::module_& m) {
            py::arg("pad_to_multiple_of") = 0, py::arg("pad_left") = false, py::arg("return_offsets") = false,
            py::arg("return_attention_mask") = true, py::arg("return_token_type_ids") = true,
            py::arg("return_special_tokens_mask") = false, py::arg("num_threads") = 1,
-           py::arg("text_splits") = py::none(), py::arg("pair_splits") = py::none(), py::arg("stride") = 0,
-           py::arg("overflow") = false, py::arg("return_word_ids") = false,
-           "Encode a list of str (and optional pairs; with text_splits / pair_splits, rows of pre-split words). "
-           "Returns flat int64 arrays (rows back to back, see 'width') plus 'length' (tokens per row before "
-           "padding), 'width' and 'uniform'; 'word_ids' (int32) and 'sequence_ids' (int8, -1 = None) with "
-           "return_word_ids; 'overflow_to_sample_mapping' with overflow.")
+           py::arg("extra") = py::none(),
+           "Encode a list of str (and optional pairs). Returns flat int64 arrays (rows back to back, see "
+           "'width') plus 'length' (tokens per row before padding), 'width' and 'uniform'. extra = None or "
+           "(text_splits, pair_splits, stride, overflow, return_word_ids): with text_splits / pair_splits "
+           "(n + 1 row offsets) the texts are pre-split words; overflow adds the overflowing rows and "
+           "'overflow_to_sample_mapping'; return_word_ids adds 'word_ids' (int32) and 'sequence_ids' "
+           "(int8), -1 = None.")
       .def("encode_ragged", &PyTokenizer::encode_ragged, py::arg("texts"), py::kw_only(),
            py::arg("add_special_tokens") = true, py::arg("cls_id") = -1, py::arg("sep_id") = -1,
            py::arg("num_threads") = 1,

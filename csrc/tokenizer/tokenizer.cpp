@@ -409,8 +409,7 @@ void Tokenizer::flush_word(Scratch& s, Sink out) const {
       offs->push_back(s.bend[n - 1]);
     }
   }
-  if (out.words) out.words->insert(out.words->end(), ids.size() - mark, s.word_index);
-  ++s.word_index;
+  if (s.words) s.words->insert(s.words->end(), ids.size() - mark, s.word_index++);
   s.wn = 0;
   s.nchars = 0;
 }
@@ -470,8 +469,7 @@ bool Tokenizer::encode_impl(const typename Src::Unit* p, const typename Src::Uni
           out.offsets->push_back(ci);
           out.offsets->push_back(ci + nch);
         }
-        if (out.words) out.words->push_back(s.word_index);
-        ++s.word_index;
+        if (s.words) s.words->push_back(s.word_index++);
         p += m;
         ci += nch;
         s.last_start = s.last_end = ci;
@@ -675,11 +673,14 @@ inline void note_bad(std::atomic<int64_t>& slot, int64_t i) {
 // Encodes row i of side into sink; false when it holds a lone surrogate.
 // Pre-split words are encoded one by one, each with its own offsets and the
 // word's index in the row as word id.
-static bool encode_row(const Tokenizer& tok, const TextBatch& side, size_t i, Scratch& s, Sink sink) {
-  if (side.splits.empty()) return tok.encode(side.views[i], s, sink);
+static bool encode_row(const Tokenizer& tok, const TextBatch& side, size_t i, Scratch& s, Sink sink,
+                       std::vector<int32_t>* words) {
+  if (side.splits.empty()) {
+    s.words = words;
+    return tok.encode(side.views[i], s, sink);
+  }
+  s.words = nullptr;
   bool ok = true;
-  std::vector<int32_t>* words = sink.words;
-  sink.words = nullptr;
   const int64_t first = side.splits[i];
   for (int64_t j = first; j < side.splits[i + 1]; ++j) {
     const size_t before = sink.ids->size();
@@ -732,17 +733,19 @@ void encode_batch(const Tokenizer& tok, const TextBatch& texts, const TextBatch*
     if (params.with_offsets) ch.offsets.reserve(est * 2);
     if (params.with_words) ch.words.reserve(est);
     static thread_local Scratch s;
-    Sink sink{&ch.ids, params.with_offsets ? &ch.offsets : nullptr, params.with_words ? &ch.words : nullptr};
+    Sink sink{&ch.ids, params.with_offsets ? &ch.offsets : nullptr};
+    std::vector<int32_t>* words = params.with_words ? &ch.words : nullptr;
     for (size_t i = lo; i < hi; ++i) {
       uint32_t b0 = uint32_t(ch.ids.size());
-      if (!encode_row(tok, texts, i, s, sink)) note_bad(bad_text, int64_t(i));
+      if (!encode_row(tok, texts, i, s, sink, words)) note_bad(bad_text, int64_t(i));
       out.a[i] = {t, b0, uint32_t(ch.ids.size()) - b0};
       if (pairs) {
         b0 = uint32_t(ch.ids.size());
-        if (!encode_row(tok, *pairs, i, s, sink)) note_bad(bad_pair, int64_t(i));
+        if (!encode_row(tok, *pairs, i, s, sink, words)) note_bad(bad_pair, int64_t(i));
         out.b[i] = {t, b0, uint32_t(ch.ids.size()) - b0};
       }
     }
+    s.words = nullptr;
     out.chunks[size_t(t)] = std::move(ch);
   };
   if (ntasks == 1) task(0);

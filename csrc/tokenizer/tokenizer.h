@@ -123,7 +123,11 @@ struct Scratch {
   std::vector<int32_t> bend;    // per byte: end of the original character
   size_t wn = 0;                // bytes in the word
   int32_t nchars = 0;           // characters in the word
-  int32_t word_index = 0;       // index of the next pre-tokenized word of the text (Sink::words)
+  // When set, receives the word index of each token (HF word_ids: the n-th non-empty
+  // pre-tokenized word of the text; special tokens matched in the text count as words).
+  // Kept here rather than in Sink, which stays two pointers (passed in registers).
+  std::vector<int32_t>* words = nullptr;
+  int32_t word_index = 0;       // index of the next pre-tokenized word of the text
   bool track = false;           // offsets requested: fill bstart / bend
   inline void reserve(size_t more) {
     if (wn + more > cap()) grow(wn + more);
@@ -172,13 +176,11 @@ struct TextView {
 };
 
 // Output of one encoded text: token ids and, optionally, (start, end) offsets
-// in code points of the original string and the index of each token's word
-// (HF word_ids: the n-th non-empty pre-tokenized word, special tokens matched
-// in the text count as words), appended to caller-owned vectors.
+// in code points of the original string, appended to caller-owned vectors
+// (word indices go to Scratch::words).
 struct Sink {
   std::vector<int32_t>* ids;
   std::vector<int32_t>* offsets;  // 2 ints per token, may be null
-  std::vector<int32_t>* words = nullptr;  // 1 int per token, may be null
 };
 
 class Tokenizer {

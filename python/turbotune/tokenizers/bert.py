@@ -276,6 +276,9 @@ class BertTokenizer:
             raise ValueError(f"vocab: {exc}") from None
         self._vocab: Dict[str, int] = {t: i for i, t in enumerate(tokens)}
         self._special_ids = {self._vocab[t] for t in self._special_tokens}
+        # The special tokens are fixed: their ids are looked up once (read on every call).
+        self._ids = {name: self._id(self._build[name]) for name in _SPECIAL_KEYS}
+        self._cls_id, self._sep_id, self._pad_id = self._ids["cls_token"], self._ids["sep_token"], self._ids["pad_token"]
 
     # Options fixed at construction (the native tokenizer is built from them).
     do_lower_case = property(lambda self: self._build["do_lower_case"])
@@ -587,11 +590,11 @@ class BertTokenizer:
     def _id(self, token: Optional[str]) -> Optional[int]:
         return None if token is None else self._vocab.get(token)
 
-    unk_token_id = property(lambda self: self._id(self.unk_token))
-    sep_token_id = property(lambda self: self._id(self.sep_token))
-    pad_token_id = property(lambda self: self._id(self.pad_token))
-    cls_token_id = property(lambda self: self._id(self.cls_token))
-    mask_token_id = property(lambda self: self._id(self.mask_token))
+    unk_token_id = property(lambda self: self._ids["unk_token"])
+    sep_token_id = property(lambda self: self._sep_id)
+    pad_token_id = property(lambda self: self._pad_id)
+    cls_token_id = property(lambda self: self._cls_id)
+    mask_token_id = property(lambda self: self._ids["mask_token"])
     pad_token_type_id = 0
 
     @property
@@ -688,8 +691,7 @@ class BertTokenizer:
                      token_type_ids, special_tokens_mask, num_threads) -> tuple:
         """Positional arguments of the native ``encode_batch`` (positional: pybind11 parses keyword
         arguments noticeably slower). encoding.py re-runs the call from this tuple, flag positions included."""
-        cls_id, sep_id = self.cls_token_id, self.sep_token_id
-        pad_id = self.pad_token_id
+        cls_id, sep_id, pad_id = self._cls_id, self._sep_id, self._pad_id
         if padding and pad_id is None:
             raise ValueError("padding: the tokenizer has no pad_token in its vocabulary")
         return (texts, pairs, add_special_tokens,
@@ -705,7 +707,8 @@ class BertTokenizer:
                 pad_left,
                 offsets, attention_mask, token_type_ids, special_tokens_mask,
                 num_threads or self._num_threads,
-                text_splits, pair_splits, stride, overflow, False)
+                None if text_splits is None and pair_splits is None and not stride and not overflow
+                else (text_splits, pair_splits, stride, overflow, False))
 
     def encode_batch_ragged(self, texts: Sequence[str], *, add_special_tokens: bool = True,
                             num_threads: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -807,12 +810,15 @@ class BertTokenizer:
             pad = _PADDING.get(str(getattr(padding, "value", padding)))
             if pad is None:
                 raise ValueError(f"padding: expected True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
-        if max_length is not None and (not isinstance(max_length, (int, np.integer)) or isinstance(max_length, bool)
-                                       or max_length < 0):
-            raise ValueError(f"max_length: expected a non-negative int or None, got {max_length!r}")
-        if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, (int, np.integer))
-                                               or isinstance(pad_to_multiple_of, bool) or pad_to_multiple_of < 1):
-            raise ValueError(f"pad_to_multiple_of: expected a positive int or None, got {pad_to_multiple_of!r}")
+        if max_length is not None and not (type(max_length) is int and max_length >= 0):
+            if not isinstance(max_length, (int, np.integer)) or isinstance(max_length, bool) or max_length < 0:
+                raise ValueError(f"max_length: expected a non-negative int or None, got {max_length!r}")
+            max_length = int(max_length)
+        if pad_to_multiple_of is not None and not (type(pad_to_multiple_of) is int and pad_to_multiple_of >= 1):
+            if not isinstance(pad_to_multiple_of, (int, np.integer)) or isinstance(pad_to_multiple_of, bool) \
+                    or pad_to_multiple_of < 1:
+                raise ValueError(f"pad_to_multiple_of: expected a positive int or None, got {pad_to_multiple_of!r}")
+            pad_to_multiple_of = int(pad_to_multiple_of)
         if truncation is None and max_length is not None and pad == 0:
             truncation = "longest_first"  # transformers does the same (with a warning)
         if truncation is True:
@@ -887,14 +893,17 @@ class BertTokenizer:
         pre-tokenized on its own; ``word_ids`` give the word's index and offsets are within the word.
         Non-str items raise ``TypeError`` naming the index.
         """
-        rt = getattr(return_tensors, "value", return_tensors)
+        rt = return_tensors if return_tensors is None or type(return_tensors) is str else \
+            getattr(return_tensors, "value", return_tensors)
         if rt not in (None, "pt", "np"):
             raise ValueError(f"return_tensors: expected None, 'pt' or 'np', got {return_tensors!r}")
+        text_splits = pair_splits = None
         if is_split_into_words:
             texts, pairs, text_splits, pair_splits, batched = self._split_words(text, text_pair)
+        elif type(text) is list and text_pair is None and (not text or type(text[0]) is str):
+            texts, pairs, batched = tuple(text), None, True  # the common case, a list of str
         else:
             texts, pairs, batched = self._split_inputs(text, text_pair)
-            text_splits = pair_splits = None
         pad, trunc, max_length = self._strategies(padding, truncation, max_length, pad_to_multiple_of)
         if stride != 0:
             if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 0:
@@ -912,8 +921,9 @@ class BertTokenizer:
         want_types = True if return_token_type_ids is None else bool(return_token_type_ids)
         args = self._native_args(
             texts, pairs, text_splits, pair_splits, bool(add_special_tokens), trunc, max_length, pad,
-            pad_to_multiple_of, self._pad_left(padding_side), int(stride), overflow, bool(return_offsets_mapping),
-            want_mask, want_types, bool(return_special_tokens_mask), num_threads)
+            pad_to_multiple_of, self._padding_side == "left" if padding_side is None else self._pad_left(padding_side),
+            int(stride), overflow, bool(return_offsets_mapping), want_mask, want_types,
+            bool(return_special_tokens_mask), num_threads)
         try:
             raw = self._native.encode_batch(*args)
         except TypeError as exc:

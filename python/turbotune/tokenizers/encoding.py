@@ -22,8 +22,9 @@ import numpy as np
 __all__ = ["Encoding", "make_batch_encoding"]
 
 # Positions of the flags in the native encode_batch argument tuple (see BertTokenizer._native_args).
-_ARG_PAIRS, _ARG_SPECIAL_TOKENS, _ARG_PAD_LEFT, _ARG_OVERFLOW = 1, 2, 12, 21
-_ARG_OFFSETS, _ARG_MASK, _ARG_TYPES, _ARG_SPECIAL, _ARG_WORDS = 13, 14, 15, 16, 22
+_ARG_PAIRS, _ARG_SPECIAL_TOKENS, _ARG_PAD_LEFT = 1, 2, 12
+_ARG_OFFSETS, _ARG_MASK, _ARG_TYPES, _ARG_SPECIAL, _ARG_EXTRA = 13, 14, 15, 16, 18
+# The "extra" argument: None, or (text_splits, pair_splits, stride, overflow, return_word_ids).
 
 
 class _RowData:
@@ -217,11 +218,13 @@ def encodings_from_source(source: Tuple[Any, tuple]) -> List[Encoding]:
     call's argument tuple)) with word ids and offsets; one Encoding per output row."""
     tokenizer, args = source
     args = list(args)
-    for i in (_ARG_OFFSETS, _ARG_MASK, _ARG_TYPES, _ARG_SPECIAL, _ARG_WORDS):
+    for i in (_ARG_OFFSETS, _ARG_MASK, _ARG_TYPES, _ARG_SPECIAL):
         args[i] = True
+    extra = args[_ARG_EXTRA] or (None, None, 0, False, False)
+    args[_ARG_EXTRA] = extra[:4] + (True,)
     raw = tokenizer._native.encode_batch(*args)
-    data = _RowData(raw, tokenizer._tokens, pair=args[_ARG_PAIRS] is not None, special=args[_ARG_SPECIAL_TOKENS],
-                    pad_left=args[_ARG_PAD_LEFT], overflow=args[_ARG_OVERFLOW])
+    data = _RowData(raw, tokenizer._tokens, pair=args[_ARG_PAIRS] is not None, special=bool(args[_ARG_SPECIAL_TOKENS]),
+                    pad_left=bool(args[_ARG_PAD_LEFT]), overflow=bool(extra[3]))
     rows = [Encoding(data, r) for r in range(len(data.widths))]
     if data.sample is not None:
         first: Dict[int, Encoding] = {}
@@ -288,11 +291,9 @@ def make_batch_encoding(data: Dict[str, Any], source: Optional[tuple], n_sequenc
     (which would re-check every value for a tensor conversion that is already done)."""
     cls = _CLASS or _batch_encoding_class()
     enc = cls.__new__(cls)
-    d = enc.__dict__
-    d["data"] = data
-    d["_tt_source"] = source
-    d["_tt_encodings"] = None
-    d["_n_sequences"] = n_sequences
+    enc.data = data
+    enc._tt_source = source
+    enc._n_sequences = n_sequences
     return enc
 
 

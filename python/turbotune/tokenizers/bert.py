@@ -113,6 +113,12 @@ def _check_int(name: str, value: Any, minimum: int = 0) -> int:
     return int(value)
 
 
+def _check_side(name: str, value: Any) -> str:
+    if value not in ("right", "left"):
+        raise ValueError(f"{name}: expected 'right' or 'left', got {value!r}")
+    return value
+
+
 def _check_token(name: str, value: Any, allow_none: bool = True) -> Optional[str]:
     if value is None and allow_none:
         return None
@@ -303,25 +309,13 @@ class BertTokenizer:
     def model_max_length(self, value: int) -> None:
         self._model_max_length = _check_int("model_max_length", value)
 
-    @property
-    def padding_side(self) -> str:
-        return self._padding_side
-
-    @padding_side.setter
-    def padding_side(self, value: str) -> None:
-        if value not in ("right", "left"):
-            raise ValueError(f"padding_side: expected 'right' or 'left', got {value!r}")
-        self._padding_side = value
-
-    @property
-    def truncation_side(self) -> str:
-        return self._truncation_side
-
-    @truncation_side.setter
-    def truncation_side(self, value: str) -> None:
-        if value not in ("right", "left"):
-            raise ValueError(f"truncation_side: expected 'right' or 'left', got {value!r}")
-        self._truncation_side = value
+    padding_side = property(lambda self: self._padding_side,
+                            lambda self, value: setattr(self, "_padding_side", _check_side("padding_side", value)),
+                            doc="``'right'`` or ``'left'``: where padding goes.")
+    truncation_side = property(lambda self: self._truncation_side,
+                               lambda self, value: setattr(self, "_truncation_side",
+                                                           _check_side("truncation_side", value)),
+                               doc="``'right'`` or ``'left'``: which end truncation (and overflow) cuts.")
 
     @property
     def clean_up_tokenization_spaces(self) -> bool:

@@ -28,9 +28,13 @@ _ARG_OFFSETS, _ARG_MASK, _ARG_TYPES, _ARG_SPECIAL, _ARG_EXTRA = 13, 14, 15, 16, 
 
 
 class _RowData:
-    """The flat arrays of one detailed native call, shared by the rows' :class:`Encoding` views."""
+    """The flat arrays of one detailed native call, shared by the rows' :class:`Encoding` views.
 
-    __slots__ = ("raw", "starts", "widths", "lengths", "tokens", "pair", "special", "pad_left", "sample")
+    Each attribute is converted to a Python list once for the whole batch (on first use);
+    a row's attribute is then a slice of it.
+    """
+
+    __slots__ = ("raw", "starts", "widths", "lengths", "tokens", "pair", "special", "pad_left", "sample", "_flat")
 
     def __init__(self, raw: Dict[str, Any], tokens: Sequence[str], pair: bool, special: bool, pad_left: bool,
                  overflow: bool) -> None:
@@ -43,39 +47,54 @@ class _RowData:
         self.special = special
         self.pad_left = pad_left
         self.sample = raw["overflow_to_sample_mapping"].tolist() if overflow else None
+        self._flat: Dict[str, list] = {}
+
+    def flat(self, name: str) -> list:
+        v = self._flat.get(name)
+        if v is None:
+            raw = self.raw
+            if name in ("word_ids", "sequence_ids"):
+                v = [None if x < 0 else x for x in raw[name].tolist()]
+            elif name == "offsets":
+                v = list(map(tuple, raw["offset_mapping"].tolist()))
+            elif name == "tokens":
+                toks = self.tokens
+                v = [toks[i] for i in self.flat("ids")]
+            else:
+                v = raw[_RAW_KEYS[name]].tolist()
+            self._flat[name] = v
+        return v
+
+
+_RAW_KEYS = {"ids": "input_ids", "type_ids": "token_type_ids", "attention_mask": "attention_mask",
+             "special_tokens_mask": "special_tokens_mask"}
 
 
 class Encoding:
     """One row of a tokenized batch, with the read API of ``tokenizers.Encoding``.
 
-    Attributes (lists of length ``len(encoding)``, padding included): ``ids``,
-    ``type_ids``, ``tokens``, ``offsets`` (``(start, end)`` character spans),
-    ``attention_mask``, ``special_tokens_mask``, ``word_ids`` (index of the
-    pre-tokenized word, or of the word given with ``is_split_into_words``;
-    ``None`` for special and padding tokens), ``sequence_ids`` (0 / 1 for the
-    first / second text, ``None`` for special and padding tokens),
-    ``n_sequences`` (1 or 2) and ``overflowing`` (the overflowing rows of this
-    row's text when the call asked for ``return_overflowing_tokens``, else ``[]``).
+    Attributes (lists of length ``len(encoding)``, padding included; a new list on each
+    access): ``ids``, ``type_ids``, ``tokens``, ``offsets`` (``(start, end)`` character
+    spans), ``attention_mask``, ``special_tokens_mask``, ``word_ids`` (index of the
+    pre-tokenized word, or of the word given with ``is_split_into_words``; ``None`` for
+    special and padding tokens), ``sequence_ids`` (0 / 1 for the first / second text,
+    ``None`` for special and padding tokens), ``n_sequences`` (1 or 2) and ``overflowing``
+    (the overflowing rows of this row's text when the call asked for
+    ``return_overflowing_tokens``, else ``[]``).
     """
 
-    __slots__ = ("_d", "_row", "_lo", "_hi", "_cache", "_overflowing")
+    __slots__ = ("_d", "_row", "_lo", "_hi", "_ranges_cache", "_overflowing")
 
     def __init__(self, data: _RowData, row: int) -> None:
         self._d = data
         self._row = row
         self._lo = data.starts[row]
         self._hi = data.starts[row + 1]
-        self._cache: Dict[str, Any] = {}
+        self._ranges_cache: Optional[Dict[int, Tuple[int, int]]] = None
         self._overflowing: List["Encoding"] = []
 
-    def _slice(self, key: str) -> np.ndarray:
-        return self._d.raw[key][self._lo:self._hi]
-
-    def _get(self, name: str, make) -> Any:
-        v = self._cache.get(name)
-        if v is None:
-            v = self._cache[name] = make()
-        return v
+    def _row_list(self, name: str) -> list:
+        return self._d.flat(name)[self._lo:self._hi]
 
     def __len__(self) -> int:
         return self._hi - self._lo
@@ -83,40 +102,15 @@ class Encoding:
     def __repr__(self) -> str:
         return f"turbotune.tokenizers.Encoding(num_tokens={len(self)}, n_sequences={self.n_sequences})"
 
-    @property
-    def ids(self) -> List[int]:
-        return self._get("ids", lambda: self._slice("input_ids").tolist())
-
-    @property
-    def type_ids(self) -> List[int]:
-        return self._get("type_ids", lambda: self._slice("token_type_ids").tolist())
-
-    @property
-    def attention_mask(self) -> List[int]:
-        return self._get("attention_mask", lambda: self._slice("attention_mask").tolist())
-
-    @property
-    def special_tokens_mask(self) -> List[int]:
-        return self._get("special_tokens_mask", lambda: self._slice("special_tokens_mask").tolist())
-
-    @property
-    def offsets(self) -> List[Tuple[int, int]]:
-        return self._get("offsets", lambda: list(map(tuple, self._slice("offset_mapping").tolist())))
-
-    @property
-    def tokens(self) -> List[str]:
-        toks = self._d.tokens
-        return self._get("tokens", lambda: [toks[i] for i in self.ids])
-
-    @property
-    def word_ids(self) -> List[Optional[int]]:
-        return self._get("word_ids", lambda: [None if w < 0 else w for w in self._slice("word_ids").tolist()])
-
+    ids = property(lambda self: self._row_list("ids"))
+    type_ids = property(lambda self: self._row_list("type_ids"))
+    attention_mask = property(lambda self: self._row_list("attention_mask"))
+    special_tokens_mask = property(lambda self: self._row_list("special_tokens_mask"))
+    offsets = property(lambda self: self._row_list("offsets"))
+    tokens = property(lambda self: self._row_list("tokens"))
+    word_ids = property(lambda self: self._row_list("word_ids"))
     words = word_ids  # deprecated alias in tokenizers
-
-    @property
-    def sequence_ids(self) -> List[Optional[int]]:
-        return self._get("sequence_ids", lambda: [None if s < 0 else s for s in self._slice("sequence_ids").tolist()])
+    sequence_ids = property(lambda self: self._row_list("sequence_ids"))
 
     @property
     def n_sequences(self) -> int:
@@ -129,19 +123,19 @@ class Encoding:
     # --------------------------------------------------------------- alignment
     def _ranges(self) -> Dict[int, Tuple[int, int]]:
         """Token range of each sequence, as tokenizers keeps them (also for an empty sequence)."""
-        def make():
+        ranges = self._ranges_cache
+        if ranges is None:
             d = self._d
-            seq = self._slice("sequence_ids")
+            seq = self._row_list("sequence_ids")
             width, length = d.widths[self._row], d.lengths[self._row]
             start = (width - length if d.pad_left else 0) + (1 if d.special else 0)
-            a_len = int(np.count_nonzero(seq == 0))
+            a_len = seq.count(0)
             ranges = {0: (start, start + a_len)}
             if d.pair:
                 b_start = start + a_len + (1 if d.special else 0)
-                ranges[1] = (b_start, b_start + int(np.count_nonzero(seq == 1)))
-            return ranges
-
-        return self._get("ranges", make)
+                ranges[1] = (b_start, b_start + seq.count(1))
+            self._ranges_cache = ranges
+        return ranges
 
     def _range(self, sequence_index: int) -> Tuple[int, int]:
         return self._ranges().get(sequence_index, (0, len(self)))
@@ -267,6 +261,21 @@ def _batch_encoding_class():
                 self.__dict__["_tt_source"] = None
 
             _encodings = property(_get_encodings, _set_encodings)
+
+            def word_ids(self, batch_index: int = 0):
+                enc = self._encodings  # one property access (HF's version makes two)
+                if not enc:
+                    raise ValueError("word_ids() is not available when using Python based tokenizers")
+                return enc[batch_index].word_ids
+
+            def sequence_ids(self, batch_index: int = 0):
+                enc = self._encodings
+                if not enc:
+                    raise ValueError("sequence_ids() is not available when using Python based tokenizers")
+                return enc[batch_index].sequence_ids
+
+            word_ids.__doc__ = _HF.word_ids.__doc__
+            sequence_ids.__doc__ = _HF.sequence_ids.__doc__
 
             @property
             def is_fast(self) -> bool:

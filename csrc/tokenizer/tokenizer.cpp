@@ -983,8 +983,12 @@ void finalize(const EncodeParams& params, EncodedBatch& batch) {
   batch.width.resize(m);
   int64_t total = 0;
   batch.uniform = true;
+  constexpr int64_t kMaxTotal = int64_t(1) << 40;  // tokens in one output batch (8 TB per int64 output)
   for (size_t r = 0; r < m; ++r) {
     int64_t w = std::max<int64_t>(batch.length[r], target);
+    if (w > kMaxTotal - total)
+      throw std::length_error("padding: the padded batch would exceed 2^40 tokens (" + std::to_string(m) +
+                              " rows of up to " + std::to_string(w) + " tokens); lower max_length");
     batch.row_offset[r] = total;
     batch.width[r] = w;
     total += w;

@@ -123,6 +123,10 @@ INPUT_PROBES = [
     (r"tok('a', num_threads=0)", "ValueError: num_threads"),
     (r"tok('a', num_threads='2')", "ValueError: num_threads"),
     (r"tok('a' * 10**6 + ' b' * 10**5, truncation=True, max_length=8, stride=3, return_overflowing_tokens=True)", "ok"),
+    (r"tok(['a', 'b'], padding='max_length', max_length=10**15)", "ValueError: padding: the padded batch would exceed"),
+    (r"tok(['a', 'b'], padding='max_length', truncation=True, max_length=2**70)", "ValueError: padding: the padded batch"),
+    (r"assert BertTokenizer(vocab, model_max_length=int(1e30))(['a b', 'c'], padding='max_length', truncation=True)"
+     r"['input_ids'] == [[101, 1037, 1038, 102], [101, 1039, 102]]", "ok"),
     (r"tok.encode_batch_ragged(None)", "TypeError: texts: expected a list of str"),
     (r"tok.encode_batch_ragged('abc')", "TypeError: texts: expected a list of str, got a str"),
     (r"tok.encode_batch_ragged([b'x'])", r"TypeError: text\[0\]: expected str, got bytes"),

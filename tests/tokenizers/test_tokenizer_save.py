@@ -54,6 +54,23 @@ def test_round_trip_keeps_every_option(unusual, corpus_lines, tmp_path):
     assert BertTokenizer.from_pretrained(tmp_path).init_kwargs == unusual.init_kwargs
 
 
+def test_no_limit_model_max_length_round_trips(tt, hf, tmp_path):
+    """transformers' "no limit" model_max_length (int(1e30)) survives the round trip and means no default
+    truncation / max_length padding, as in transformers."""
+    tok = BertTokenizer(tt._tokens, model_max_length=int(1e30))
+    tok.save_pretrained(tmp_path)
+    again = BertTokenizer.from_pretrained(tmp_path)
+    assert again.model_max_length == int(1e30)
+    from transformers import BertTokenizerFast
+
+    hf_again = BertTokenizerFast.from_pretrained(str(tmp_path))
+    assert hf_again.model_max_length == int(1e30)
+    long = " ".join(["word"] * 700)
+    kw = dict(padding="max_length", truncation=True)
+    assert again([long, "a"], **kw)["input_ids"] == hf_again([long, "a"], **kw)["input_ids"] != \
+        tt([long, "a"], **kw)["input_ids"]
+
+
 def test_saved_folder_loads_in_transformers(tt_cased, hf_cased, tmp_path):
     """HF reads the saved tokenizer.json / config (the options transformers 5 honours when it rebuilds a
     BERT tokenizer: case, accents, CJK, sides, lengths, decode cleanup)."""

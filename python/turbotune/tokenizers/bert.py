@@ -43,7 +43,8 @@ TextInput = Union[str, Sequence[str], Sequence[Tuple[str, str]]]
 
 _TRUNCATION = {"do_not_truncate": 0, "longest_first": 1, "only_first": 2, "only_second": 3}
 _PADDING = {"do_not_pad": 0, "longest": 1, "max_length": 2}
-_MAX_LEN = 1 << 62  # larger max_length / model_max_length values mean "no limit"
+_MAX_LEN = 1 << 62  # larger max_length values are passed as this
+_NO_LIMIT = int(1e20)  # transformers' LARGE_INTEGER: a model_max_length above it means "no limit"
 _PAD_KEYS = ("input_ids", "token_type_ids", "attention_mask", "special_tokens_mask")
 
 # Options that define the tokenizer, saved by save_pretrained and restored by from_pretrained.
@@ -383,9 +384,7 @@ class BertTokenizer:
                                                  for t in extra]
         mml = opts.get("model_max_length")
         if isinstance(mml, float) and mml.is_integer():
-            mml = opts["model_max_length"] = int(mml)
-        if isinstance(mml, int) and mml > 1e12:
-            opts.pop("model_max_length")  # HF's "no limit" sentinel
+            opts["model_max_length"] = int(mml)  # HF writes its "no limit" value, int(1e30), as a float
         tj = os.path.join(path, "tokenizer.json")
         vt = os.path.join(path, "vocab.txt")
         if os.path.isfile(tj):
@@ -826,7 +825,13 @@ class BertTokenizer:
                     "truncation: expected True, False, 'longest_first', 'only_first', 'only_second' or "
                     f"'do_not_truncate', got {truncation!r}")
         if max_length is None and (trunc or pad == 2):
-            max_length = self._model_max_length
+            if self._model_max_length > _NO_LIMIT:
+                # transformers' rule (with a warning there): no known model limit, so neither
+                # truncation nor padding to it.
+                trunc = 0
+                pad = 0 if pad == 2 else pad
+            else:
+                max_length = self._model_max_length
         if trunc and pad and pad_to_multiple_of is not None and max_length is not None \
                 and max_length % pad_to_multiple_of != 0:
             raise ValueError(

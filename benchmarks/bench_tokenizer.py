@@ -3,6 +3,12 @@
     python -m pytest benchmarks/bench_tokenizer.py                            # quick subset (0.25 MB)
     TURBOTUNE_BENCH_FULL=1 python -m pytest benchmarks/bench_tokenizer.py     # 2 MB of text
     python benchmarks/bench_tokenizer.py [--full]                             # table of MB/s and ratios
+    python benchmarks/bench_tokenizer.py --against DIR                        # this build vs an older one
+
+``--against DIR``: DIR holds an older build of the package renamed ``turbotune_old`` (its Python
+files and its ``_C*.so``, e.g. ``cp -r python/turbotune DIR/turbotune_old && cp
+build/*/_C*.so DIR/turbotune_old/`` at the old commit): the padded-batch calls of both builds
+run in this process, interleaved call by call, and their CPU-time ratio is printed.
 
 Each case is one full pass over the text; compare rows of the same group.
 """
@@ -46,9 +52,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds, report the best (0: median)")
     ap.add_argument("--scaling", action="store_true",
                     help="only turbotune on the whole corpus, 1 vs all threads (best of 6 interleaved rounds)")
+    ap.add_argument("--against", metavar="DIR", default=None,
+                    help="compare the padded-batch calls with an older build (DIR/turbotune_old)")
     args = ap.parse_args(argv)
     if args.scaling:
         return scaling()
+    if args.against:
+        return against(args.against, mb=args.mb or 2.0, rounds=args.rounds or 7)
     if args.mb:
         os.environ["TURBOTUNE_TOKENIZER_BENCH_MB"] = str(args.mb)
     rows = []
@@ -122,6 +132,64 @@ def scaling(rounds: int = 6) -> int:
     for what in ("raw", "padded"):
         a, b = best[(what, 1)], best[(what, n)]
         print(f"| {what} | {mb / a:.1f} | {mb / b:.1f} | {a / b:.2f}x |")
+    return 0
+
+
+def against(old_dir: str, mb: float = 2.0, rounds: int = 7) -> int:
+    """This build's padded-batch calls vs an older build's, interleaved call by call (one thread).
+
+    Each round alternates which build goes first on each batch and sums per-call CPU time
+    (``time.thread_time``: robust against other processes on a shared machine); the ratio of
+    each round is printed, with the median.
+    """
+    import time
+
+    sys.path.insert(0, old_dir)
+    from turbotune_old.tokenizers import BertTokenizer as Old  # noqa: E402
+
+    from turbotune.data import movie_reviews, packaged_model_dir
+    from turbotune.tokenizers import BertTokenizer
+
+    model = packaged_model_dir()
+    old, new = Old.from_pretrained(model, num_threads=1), BertTokenizer.from_pretrained(model, num_threads=1)
+    corpus = _suite.corpus_lines(mb)
+    reviews = [r.text for r in movie_reviews()]
+    cases = [
+        ("corpus, batch 32, padding='max_length', max_length=128, 'pt' (the suite's padded-batch32)", corpus,
+         dict(padding="max_length", truncation=True, max_length=128, return_tensors="pt")),
+        ("movie reviews, batch 32, padding=True, truncation, max_length=128, 'pt'", reviews,
+         dict(padding=True, truncation=True, max_length=128, return_tensors="pt")),
+        ("movie reviews, batch 32, truncation, lists (datasets.map style)", reviews,
+         dict(truncation=True, max_length=128)),
+    ]
+    clock = time.thread_time
+    print(f"this build vs {old_dir} (turbotune_old); CPU time per pass, ratio = new / old (< 1: faster)\n")
+    print("| call | calls | old us/call | new us/call | new/old per round | median |")
+    print("|---|---|---|---|---|---|")
+    for name, texts, kw in cases:
+        batches = [texts[i:i + 32] for i in range(0, len(texts), 32)]
+        for b in batches[:50]:  # warm-up (imports, lazy class creation)
+            old(b, **kw)
+            new(b, **kw)
+        ratios, t_old, t_new = [], [], []
+        for _ in range(rounds):
+            to = tn = 0.0
+            for i, b in enumerate(batches):
+                if i % 2:
+                    t0 = clock(); old(b, **kw); t1 = clock(); new(b, **kw); t2 = clock()
+                    to += t1 - t0
+                    tn += t2 - t1
+                else:
+                    t0 = clock(); new(b, **kw); t1 = clock(); old(b, **kw); t2 = clock()
+                    tn += t1 - t0
+                    to += t2 - t1
+            ratios.append(tn / to)
+            t_old.append(to)
+            t_new.append(tn)
+        med = sorted(ratios)[len(ratios) // 2]
+        print(f"| {name} | {len(batches)} | {min(t_old) / len(batches) * 1e6:.1f} | "
+              f"{min(t_new) / len(batches) * 1e6:.1f} | {' '.join(f'{r:.3f}' for r in sorted(ratios))} | "
+              f"**{med:.3f}** |")
     return 0
 
 

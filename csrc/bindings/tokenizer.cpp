@@ -25,18 +25,26 @@ namespace {
 using Views = std::vector<tok::TextView>;
 
 // Views of the str items of seq, borrowed from Python's own storage (ASCII as
-// UTF-8, otherwise Latin-1 / UCS-2 / UCS-4 code points: no conversion, no copy);
-// `keep` holds the objects alive. Raises TypeError naming the index.
+// UTF-8, otherwise Latin-1 / UCS-2 / UCS-4 code points: no conversion, no copy).
+// The views are read with the GIL released, so the strings must stay alive
+// whatever other threads do meanwhile: a tuple cannot change and is kept as is;
+// any other sequence (a list that another thread may clear, which would free
+// its strings mid-encode) is first copied into a new tuple, which holds a
+// strong reference to every item. `keep` holds that tuple for the call.
+// Raises TypeError naming the index of a non-str item.
 void text_views(const py::sequence& seq, const char* what, Views& out, std::vector<py::object>& keep) {
-  // PySequence_Fast: a list/tuple as is (else a list copy) whose item array is
-  // read directly; it is kept alive, and it keeps the strings alive.
-  py::object fast = py::reinterpret_steal<py::object>(PySequence_Fast(seq.ptr(), "expected a sequence of str"));
-  if (!fast) throw py::error_already_set();
-  const size_t n = size_t(PySequence_Fast_GET_SIZE(fast.ptr()));
-  PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
+  if (PyUnicode_Check(seq.ptr())) throw py::type_error(std::string(what) + ": expected a list of str, got a str");
+  py::object items_owner;
+  if (PyTuple_Check(seq.ptr())) {
+    items_owner = py::reinterpret_borrow<py::object>(seq);
+  } else {
+    items_owner = py::reinterpret_steal<py::object>(PySequence_Tuple(seq.ptr()));
+    if (!items_owner) throw py::error_already_set();
+  }
+  const size_t n = size_t(PyTuple_GET_SIZE(items_owner.ptr()));
   out.resize(n);
   for (size_t i = 0; i < n; ++i) {
-    PyObject* o = items[i];
+    PyObject* o = PyTuple_GET_ITEM(items_owner.ptr(), py::ssize_t(i));
     if (!PyUnicode_Check(o)) {
       throw py::type_error(std::string(what) + "[" + std::to_string(i) + "]: expected str, got " +
                            std::string(Py_TYPE(o)->tp_name));
@@ -51,7 +59,23 @@ void text_views(const py::sequence& seq, const char* what, Views& out, std::vect
       out[i] = tok::TextView{PyUnicode_DATA(o), len, uint8_t(PyUnicode_KIND(o))};
     }
   }
-  keep.push_back(std::move(fast));
+  keep.push_back(std::move(items_owner));
+}
+
+// Row offsets of pre-split words (None: one text per row): n + 1 ints from 0
+// to the number of words, non-decreasing.
+void word_splits(const py::object& obj, const char* what, size_t nwords, std::vector<int64_t>& out) {
+  out.clear();
+  if (obj.is_none()) return;
+  try {
+    out = obj.cast<std::vector<int64_t>>();
+  } catch (const py::cast_error&) {
+    throw py::type_error(std::string(what) + ": expected a sequence of int row offsets");
+  }
+  if (out.empty() || out.front() != 0 || out.back() != int64_t(nwords))
+    throw py::value_error(std::string(what) + ": expected row offsets from 0 to " + std::to_string(nwords));
+  for (size_t i = 1; i < out.size(); ++i)
+    if (out[i] < out[i - 1]) throw py::value_error(std::string(what) + ": row offsets must not decrease");
 }
 
 [[noreturn]] void raise_surrogate(const char* what, int64_t i) {
@@ -96,21 +120,39 @@ class PyTokenizer {
                         int sep_id, int pad_id, int pad_type_id, int truncation, int64_t max_length,
                         bool truncate_left, int padding, int64_t pad_to_multiple_of, bool pad_left,
                         bool return_offsets, bool return_attention_mask, bool return_token_type_ids,
-                        bool return_special_tokens_mask, int num_threads) {
+                        bool return_special_tokens_mask, int num_threads, const py::object& extra) {
+    // The options the plain call never uses come packed in one argument (None on that path: every
+    // argument pybind11 parses costs ~50 ns, a few percent of a small batch's call):
+    // (text_splits, pair_splits, stride, overflow, return_word_ids).
+    py::object text_splits = py::none(), pair_splits = py::none();
+    int64_t stride = 0;
+    bool overflow = false, return_word_ids = false;
+    if (!extra.is_none()) {
+      auto t = extra.cast<py::tuple>();
+      if (t.size() != 5) throw py::value_error("extra: expected (text_splits, pair_splits, stride, overflow, word_ids)");
+      text_splits = t[0];
+      pair_splits = t[1];
+      stride = t[2].cast<int64_t>();
+      overflow = t[3].cast<bool>();
+      return_word_ids = t[4].cast<bool>();
+    }
     if (truncation < 0 || truncation > 3) throw py::value_error("truncation: expected 0..3");
     if (padding < 0 || padding > 2) throw py::value_error("padding: expected 0..2");
     if (pad_to_multiple_of < 0) throw py::value_error("pad_to_multiple_of: expected a positive int or None");
+    if (stride < 0) throw py::value_error("stride: expected a non-negative int");
     if (add_special_tokens && (cls_id < 0 || sep_id < 0))
       throw py::value_error("add_special_tokens needs [CLS] and [SEP] in the vocabulary");
-    Views a, b;
+    tok::TextBatch a, b;
     std::vector<py::object> keep;
-    text_views(texts, "text", a, keep);
+    text_views(texts, "text", a.views, keep);
+    word_splits(text_splits, "text_splits", a.views.size(), a.splits);
     const bool has_pair = !pairs.is_none();
     if (has_pair) {
-      text_views(py::reinterpret_borrow<py::sequence>(pairs), "text_pair", b, keep);
-      if (b.size() != a.size())
-        throw py::value_error("text_pair: expected " + std::to_string(a.size()) + " items (one per text), got " +
-                              std::to_string(b.size()));
+      text_views(py::reinterpret_borrow<py::sequence>(pairs), "text_pair", b.views, keep);
+      word_splits(pair_splits, "pair_splits", b.views.size(), b.splits);
+      if (b.rows() != a.rows())
+        throw py::value_error("text_pair: expected " + std::to_string(a.rows()) + " items (one per text), got " +
+                              std::to_string(b.rows()));
     }
     tok::EncodeParams p;
     p.add_special_tokens = add_special_tokens;
@@ -125,6 +167,9 @@ class PyTokenizer {
     p.pad_to_multiple_of = pad_to_multiple_of;
     p.pad_left = pad_left;
     p.with_offsets = return_offsets;
+    p.with_words = return_word_ids;
+    p.overflow = overflow;
+    p.stride = stride;
     p.num_threads = num_threads < 1 ? 1 : num_threads;
     auto pl = pool(p.num_threads);
     tok::EncodedBatch batch;
@@ -138,39 +183,51 @@ class PyTokenizer {
       py::gil_scoped_release nogil;
       tok::finalize(p, batch);
     }
-    const size_t n = a.size();
+    const size_t m = batch.rows.size();
     const py::ssize_t total = py::ssize_t(batch.total);
-    py::array_t<int64_t> ids(total);
-    py::array_t<int64_t> mask, types, special, offsets;
+    // Only the requested arrays are created (a default-constructed py::array_t is a real,
+    // empty numpy array: about a microsecond each, on every call).
+    py::dict d;
     tok::OutputBuffers o;
-    o.input_ids = ids.mutable_data();
-    if (return_attention_mask) { mask = py::array_t<int64_t>(total); o.attention_mask = mask.mutable_data(); }
-    if (return_token_type_ids) { types = py::array_t<int64_t>(total); o.token_type_ids = types.mutable_data(); }
-    if (return_special_tokens_mask) {
-      special = py::array_t<int64_t>(total);
-      o.special_tokens_mask = special.mutable_data();
-    }
+    auto int64_out = [&](const char* key) {
+      py::array_t<int64_t> a(total);
+      d[key] = a;
+      return a.mutable_data();
+    };
+    o.input_ids = int64_out("input_ids");
+    if (return_attention_mask) o.attention_mask = int64_out("attention_mask");
+    if (return_token_type_ids) o.token_type_ids = int64_out("token_type_ids");
+    if (return_special_tokens_mask) o.special_tokens_mask = int64_out("special_tokens_mask");
     if (return_offsets) {
-      offsets = py::array_t<int64_t>(std::vector<py::ssize_t>{total, 2});
-      o.offsets = offsets.mutable_data();
+      py::array_t<int64_t> a(std::vector<py::ssize_t>{total, 2});
+      d["offset_mapping"] = a;
+      o.offsets = a.mutable_data();
     }
-    py::array_t<int64_t> length(static_cast<py::ssize_t>(n)), width(static_cast<py::ssize_t>(n));
+    if (return_word_ids) {
+      py::array_t<int32_t> words(total);
+      py::array_t<int8_t> seq_ids(total);
+      o.word_ids = words.mutable_data();
+      o.sequence_ids = seq_ids.mutable_data();
+      d["word_ids"] = words;
+      d["sequence_ids"] = seq_ids;
+    }
+    py::array_t<int64_t> length(static_cast<py::ssize_t>(m)), width(static_cast<py::ssize_t>(m));
     {
       py::gil_scoped_release nogil;
       tok::fill(p, batch, o, pl.get());
     }
     auto* lp = length.mutable_data();
     auto* wp = width.mutable_data();
-    for (size_t i = 0; i < n; ++i) {
-      lp[i] = batch.length[i];
-      wp[i] = batch.width[i];
+    for (size_t r = 0; r < m; ++r) {
+      lp[r] = batch.length[r];
+      wp[r] = batch.width[r];
     }
-    py::dict d;
-    d["input_ids"] = ids;
-    if (return_attention_mask) d["attention_mask"] = mask;
-    if (return_token_type_ids) d["token_type_ids"] = types;
-    if (return_special_tokens_mask) d["special_tokens_mask"] = special;
-    if (return_offsets) d["offset_mapping"] = offsets;
+    if (overflow) {
+      py::array_t<int64_t> sample(static_cast<py::ssize_t>(m));
+      auto* sp = sample.mutable_data();
+      for (size_t r = 0; r < m; ++r) sp[r] = batch.rows[r].src;
+      d["overflow_to_sample_mapping"] = sample;
+    }
     d["length"] = length;
     d["width"] = width;
     d["uniform"] = batch.uniform;
@@ -203,9 +260,6 @@ class PyTokenizer {
     return py::make_tuple(arr, rs);
   }
 
-  int vocab_size() const { return int(tok_->vocab().size()); }
-  int token_to_id(const std::string& t) const { return tok_->token_to_id(t); }
-
  private:
   std::unique_ptr<tok::Tokenizer> tok_;
   std::mutex mu_;
@@ -231,14 +285,17 @@ void bind_tokenizer(py::module_& m) {
            py::arg("pad_to_multiple_of") = 0, py::arg("pad_left") = false, py::arg("return_offsets") = false,
            py::arg("return_attention_mask") = true, py::arg("return_token_type_ids") = true,
            py::arg("return_special_tokens_mask") = false, py::arg("num_threads") = 1,
+           py::arg("extra") = py::none(),
            "Encode a list of str (and optional pairs). Returns flat int64 arrays (rows back to back, see "
-           "'width') plus 'length' (tokens per row before padding), 'width' and 'uniform'.")
+           "'width') plus 'length' (tokens per row before padding), 'width' and 'uniform'. extra = None or "
+           "(text_splits, pair_splits, stride, overflow, return_word_ids): with text_splits / pair_splits "
+           "(n + 1 row offsets) the texts are pre-split words; overflow adds the overflowing rows and "
+           "'overflow_to_sample_mapping'; return_word_ids adds 'word_ids' (int32) and 'sequence_ids' "
+           "(int8), -1 = None.")
       .def("encode_ragged", &PyTokenizer::encode_ragged, py::arg("texts"), py::kw_only(),
            py::arg("add_special_tokens") = true, py::arg("cls_id") = -1, py::arg("sep_id") = -1,
            py::arg("num_threads") = 1,
-           "Raw encoding: (ids int32 [total], row_splits int64 [n + 1]), no padding or truncation.")
-      .def_property_readonly("vocab_size", &PyTokenizer::vocab_size)
-      .def("token_to_id", &PyTokenizer::token_to_id);
+           "Raw encoding: (ids int32 [total], row_splits int64 [n + 1]), no padding or truncation.");
   m.attr("unicode_tables_source") = tok::kUnicodeTablesSource;
 }
 

@@ -237,11 +237,6 @@ Tokenizer::Tokenizer(std::vector<std::string> vocab, Options options, std::vecto
   for (int c = 0; c < 128; ++c) ascii_plain_[c] = ascii_action_[c] == 0 && !special_first_byte_[c];
 }
 
-int32_t Tokenizer::token_to_id(const std::string& token) const {
-  int32_t node = trie_.walk(token);
-  return node <= 0 ? -1 : trie_.token(node);
-}
-
 inline void Tokenizer::push_cp(Scratch& s, uint32_t cp, int32_t start, int32_t end) const {
   char buf[4];
   int n = encode_utf8(cp, buf);
@@ -414,6 +409,7 @@ void Tokenizer::flush_word(Scratch& s, Sink out) const {
       offs->push_back(s.bend[n - 1]);
     }
   }
+  if (s.words) s.words->insert(s.words->end(), ids.size() - mark, s.word_index++);
   s.wn = 0;
   s.nchars = 0;
 }
@@ -448,6 +444,7 @@ bool Tokenizer::encode_impl(const typename Src::Unit* p, const typename Src::Uni
   bool bad = false;
   s.wn = 0;
   s.nchars = 0;
+  s.word_index = 0;
   s.run.clear();
   s.track = out.offsets != nullptr;
   if (s.track && s.bstart.size() < s.cap()) {
@@ -472,6 +469,7 @@ bool Tokenizer::encode_impl(const typename Src::Unit* p, const typename Src::Uni
           out.offsets->push_back(ci);
           out.offsets->push_back(ci + nch);
         }
+        if (s.words) s.words->push_back(s.word_index++);
         p += m;
         ci += nch;
         s.last_start = s.last_end = ci;
@@ -645,19 +643,25 @@ constexpr size_t kTasksPerThread = 32;
 // per-text cost): a corpus mixes cheap and expensive stretches (ASCII prose,
 // CJK, accented text), so equal counts of texts can differ several-fold in
 // work, and the thread that draws the last heavy task finishes alone.
-std::vector<size_t> balanced_bounds(const std::vector<TextView>& texts, const std::vector<TextView>* pairs,
-                                    size_t total_bytes, int ntasks) {
-  const size_t n = texts.size();
+template <class RowBytes>
+std::vector<size_t> balanced_bounds(size_t n, const RowBytes& cost, size_t total_bytes, int ntasks) {
   constexpr size_t kPerText = 16;
   const size_t total = total_bytes + kPerText * n;
   std::vector<size_t> bounds(static_cast<size_t>(ntasks) + 1, n);
   bounds[0] = 0;
   size_t acc = 0, t = 1;
   for (size_t i = 0; i < n && t < size_t(ntasks); ++i) {
-    acc += view_bytes(texts[i]) + (pairs ? view_bytes((*pairs)[i]) : 0) + kPerText;
+    acc += cost(i) + kPerText;
     while (t < size_t(ntasks) && acc * size_t(ntasks) >= total * t) bounds[t++] = i + 1;
   }
   return bounds;
+}
+// Input bytes of row i of a side.
+inline size_t row_bytes(const TextBatch& side, size_t i) {
+  if (side.splits.empty()) return view_bytes(side.views[i]);
+  size_t b = 0;
+  for (int64_t j = side.splits[i]; j < side.splits[i + 1]; ++j) b += view_bytes(side.views[size_t(j)]);
+  return b;
 }
 inline void note_bad(std::atomic<int64_t>& slot, int64_t i) {
   int64_t cur = slot.load();
@@ -666,16 +670,36 @@ inline void note_bad(std::atomic<int64_t>& slot, int64_t i) {
 }
 }  // namespace
 
-void encode_batch(const Tokenizer& tok, const std::vector<TextView>& texts, const std::vector<TextView>* pairs,
-                  const EncodeParams& params, ThreadPool* pool, EncodedBatch& out) {
-  const size_t n = texts.size();
+// Encodes row i of side into sink; false when it holds a lone surrogate.
+// Pre-split words are encoded one by one, each with its own offsets and the
+// word's index in the row as word id.
+static bool encode_row(const Tokenizer& tok, const TextBatch& side, size_t i, Scratch& s, Sink sink,
+                       std::vector<int32_t>* words) {
+  if (side.splits.empty()) {
+    s.words = words;
+    return tok.encode(side.views[i], s, sink);
+  }
+  s.words = nullptr;
+  bool ok = true;
+  const int64_t first = side.splits[i];
+  for (int64_t j = first; j < side.splits[i + 1]; ++j) {
+    const size_t before = sink.ids->size();
+    ok &= tok.encode(side.views[size_t(j)], s, sink);
+    if (words) words->insert(words->end(), sink.ids->size() - before, int32_t(j - first));
+  }
+  return ok;
+}
+
+void encode_batch(const Tokenizer& tok, const TextBatch& texts, const TextBatch* pairs, const EncodeParams& params,
+                  ThreadPool* pool, EncodedBatch& out) {
+  const size_t n = texts.rows();
   out.has_pair = pairs != nullptr;
   out.a.assign(n, {0, 0, 0});
   out.b.assign(pairs ? n : 0, {0, 0, 0});
   size_t bytes = 0;
-  for (auto& t : texts) bytes += view_bytes(t);
+  for (auto& t : texts.views) bytes += view_bytes(t);
   if (pairs)
-    for (auto& t : *pairs) bytes += view_bytes(t);
+    for (auto& t : pairs->views) bytes += view_bytes(t);
   std::atomic<int64_t> bad_text{-1}, bad_pair{-1};
   int threads = std::max(1, params.num_threads);
   if (!pool) threads = 1;
@@ -685,8 +709,10 @@ void encode_batch(const Tokenizer& tok, const std::vector<TextView>& texts, cons
   // Many small tasks of equal cost, drawn dynamically: the threads finish together.
   int ntasks = threads == 1 ? 1 : int(std::min<size_t>(n, size_t(threads) * kTasksPerThread));
   if (ntasks < 1) ntasks = 1;
-  const std::vector<size_t> bounds = balanced_bounds(texts, pairs, bytes, ntasks);
-  out.chunks.assign(size_t(ntasks), {});
+  auto cost = [&](size_t i) { return row_bytes(texts, i) + (pairs ? row_bytes(*pairs, i) : 0); };
+  const std::vector<size_t> bounds =
+      ntasks == 1 ? std::vector<size_t>{0, n} : balanced_bounds(n, cost, bytes, ntasks);
+  out.chunks.resize(size_t(ntasks));
   auto task = [&](int t) {
     const size_t lo = bounds[size_t(t)], hi = bounds[size_t(t) + 1];
     // Filled in a local Chunk and moved into place at the end: the chunks'
@@ -694,25 +720,32 @@ void encode_batch(const Tokenizer& tok, const std::vector<TextView>& texts, cons
     // the header's end pointer, so threads running neighbouring tasks would
     // fight over the same cache line for each token (false sharing).
     EncodedBatch::Chunk ch = std::move(out.chunks[size_t(t)]);
+    ch.ids.clear();
+    ch.offsets.clear();
+    ch.words.clear();
     size_t cb = 0;
-    for (size_t i = lo; i < hi; ++i) cb += view_bytes(texts[i]) + (pairs ? view_bytes((*pairs)[i]) : 0);
+    if (ntasks == 1) cb = bytes;
+    else for (size_t i = lo; i < hi; ++i) cb += cost(i);
     // Upper estimate (about one token per input unit): growing would copy the
     // buffer and fault its pages again; untouched reserved pages cost nothing.
     const size_t est = cb + 2 * (hi - lo) + 16;
     ch.ids.reserve(est);
     if (params.with_offsets) ch.offsets.reserve(est * 2);
+    if (params.with_words) ch.words.reserve(est);
     static thread_local Scratch s;
     Sink sink{&ch.ids, params.with_offsets ? &ch.offsets : nullptr};
+    std::vector<int32_t>* words = params.with_words ? &ch.words : nullptr;
     for (size_t i = lo; i < hi; ++i) {
       uint32_t b0 = uint32_t(ch.ids.size());
-      if (!tok.encode(texts[i], s, sink)) note_bad(bad_text, int64_t(i));
+      if (!encode_row(tok, texts, i, s, sink, words)) note_bad(bad_text, int64_t(i));
       out.a[i] = {t, b0, uint32_t(ch.ids.size()) - b0};
       if (pairs) {
         b0 = uint32_t(ch.ids.size());
-        if (!tok.encode((*pairs)[i], s, sink)) note_bad(bad_pair, int64_t(i));
+        if (!encode_row(tok, *pairs, i, s, sink, words)) note_bad(bad_pair, int64_t(i));
         out.b[i] = {t, b0, uint32_t(ch.ids.size()) - b0};
       }
     }
+    s.words = nullptr;
     out.chunks[size_t(t)] = std::move(ch);
   };
   if (ntasks == 1) task(0);
@@ -774,7 +807,8 @@ int64_t encode_ragged(const Tokenizer& tok, const std::vector<TextView>& texts, 
     ids.vec.reserve(bytes + 2 * n + 16);
     run_range(0, n, ids.vec);
   } else {
-    const std::vector<size_t> bounds = balanced_bounds(texts, nullptr, bytes, ntasks);
+    const std::vector<size_t> bounds =
+        balanced_bounds(n, [&](size_t i) { return view_bytes(texts[i]); }, bytes, ntasks);
     // The per-task buffers are recycled from call to call: fresh ones had
     // their pages faulted in again on every call (twice the page faults of the
     // one-thread path, which writes straight into the result).
@@ -818,21 +852,67 @@ int64_t encode_ragged(const Tokenizer& tok, const std::vector<TextView>& texts, 
   return bad.load();
 }
 
+namespace {
+// The token windows HF tokenizers' Encoding::truncate(max_len, stride, direction)
+// keeps of a sequence of len tokens: the first is the truncated sequence, the
+// others (only with overflow) its overflowing parts, `stride` tokens overlapping.
+void windows(int64_t len, int64_t max_len, int64_t stride, bool left, bool overflow,
+             std::vector<std::pair<uint32_t, uint32_t>>& out) {
+  out.clear();
+  if (max_len >= len) {
+    out.emplace_back(0, uint32_t(len));
+    return;
+  }
+  if (max_len == 0) {  // everything overflows
+    out.emplace_back(0, 0);
+    if (overflow) out.emplace_back(0, uint32_t(len));
+    return;
+  }
+  if (stride >= max_len)
+    throw std::invalid_argument("stride: `stride` must be strictly less than `max_len=" + std::to_string(max_len) +
+                                "` (note that `max_len` may be shorter than the max length of the original model, "
+                                "as it subtracts the number of special characters)");
+  if (!overflow) {
+    out.emplace_back(left ? uint32_t(len - max_len) : 0, uint32_t(max_len));
+    return;
+  }
+  const int64_t step = max_len - stride;
+  if (!left) {
+    for (int64_t start = 0; start < len; start += step) {
+      const int64_t stop = std::min(start + max_len, len);
+      out.emplace_back(uint32_t(start), uint32_t(stop - start));
+      if (stop == len) break;
+    }
+  } else {
+    for (int64_t last = len - 1; last >= 0; last -= step) {
+      const int64_t stop = last + 1, start = std::max<int64_t>(0, stop - max_len);
+      out.emplace_back(uint32_t(start), uint32_t(stop - start));
+      if (start == 0) break;
+    }
+  }
+}
+}  // namespace
+
 void finalize(const EncodeParams& params, EncodedBatch& batch) {
   const size_t n = batch.a.size();
   const bool pair = batch.has_pair;
   const int64_t added = params.add_special_tokens ? (pair ? 3 : 2) : 0;
-  batch.keep_a.resize(n);
-  batch.keep_b.resize(n);
-  batch.length.resize(n);
+  batch.rows.clear();
+  batch.rows.reserve(n);
+  batch.length.clear();
+  batch.length.reserve(n);
   const bool truncate = params.truncation != Truncation::kNone && params.max_length >= 0;
   if (truncate && params.max_length < added)
     throw std::invalid_argument("max_length: " + std::to_string(params.max_length) + " is shorter than the " +
                                 std::to_string(added) + " special tokens that must be added");
+  if (params.stride < 0) throw std::invalid_argument("stride: expected >= 0");
   const int64_t limit = params.max_length - added;
+  const bool left = params.truncate_left;
   int64_t longest = 0;
+  std::vector<std::pair<uint32_t, uint32_t>> wa, wb;
   for (size_t i = 0; i < n; ++i) {
-    int64_t n1 = batch.a[i].len, n2 = pair ? batch.b[i].len : 0;
+    const int64_t len1 = batch.a[i].len, len2 = pair ? batch.b[i].len : 0;
+    int64_t n1 = len1, n2 = len2;  // truncated lengths (as HF tokenizers' truncate_encodings)
     if (truncate) {
       if (limit == 0) {
         n1 = 0;
@@ -851,8 +931,8 @@ void finalize(const EncodeParams& params, EncodedBatch& batch) {
               s2 = s1 + limit % 2;
             }
             if (swap) std::swap(s1, s2);
-            n1 = std::min(n1, s1);
-            n2 = std::min(n2, s2);
+            n1 = s1;
+            n2 = s2;
           } else {
             n1 = limit;
           }
@@ -871,25 +951,46 @@ void finalize(const EncodeParams& params, EncodedBatch& batch) {
         }
       }
     }
-    batch.keep_a[i] = int32_t(n1);
-    batch.keep_b[i] = int32_t(n2);
-    int64_t len = n1 + n2 + added;
-    batch.length[i] = int32_t(len);
-    longest = std::max(longest, len);
+    if (!params.overflow && n1 >= len1 && n2 >= len2) {  // the common case: nothing cut
+      batch.rows.push_back({int64_t(i), 0, uint32_t(len1), 0, uint32_t(len2)});
+      batch.length.push_back(int32_t(len1 + len2 + added));
+      longest = std::max<int64_t>(longest, len1 + len2 + added);
+      continue;
+    }
+    windows(len1, n1, params.stride, left, params.overflow, wa);
+    if (pair) windows(len2, n2, params.stride, left, params.overflow, wb);
+    else wb.assign(1, {0, 0});
+    // Rows in the order of Encoding::merge_with: (A0, B0), then each overflowing
+    // part of A with B0 and with each overflowing part of B, then A0 with the
+    // overflowing parts of B.
+    auto add = [&](size_t x, size_t y) {
+      batch.rows.push_back({int64_t(i), wa[x].first, wa[x].second, wb[y].first, wb[y].second});
+      batch.length.push_back(int32_t(wa[x].second + wb[y].second + added));
+    };
+    add(0, 0);
+    longest = std::max<int64_t>(longest, batch.length.back());  // padding follows the first rows only
+    for (size_t x = 1; x < wa.size(); ++x)
+      for (size_t y = 0; y < wb.size(); ++y) add(x, y);
+    for (size_t y = 1; y < wb.size(); ++y) add(0, y);
   }
   int64_t target = 0;
   if (params.padding == Padding::kLongest) target = longest;
   else if (params.padding == Padding::kMaxLength) target = params.max_length >= 0 ? params.max_length : longest;
   if (params.padding != Padding::kNone && params.pad_to_multiple_of > 0 && target % params.pad_to_multiple_of != 0)
     target += params.pad_to_multiple_of - target % params.pad_to_multiple_of;
-  batch.row_offset.resize(n);
-  batch.width.resize(n);
+  const size_t m = batch.rows.size();
+  batch.row_offset.resize(m);
+  batch.width.resize(m);
   int64_t total = 0;
   batch.uniform = true;
-  for (size_t i = 0; i < n; ++i) {
-    int64_t w = std::max<int64_t>(batch.length[i], target);
-    batch.row_offset[i] = total;
-    batch.width[i] = w;
+  constexpr int64_t kMaxTotal = int64_t(1) << 40;  // tokens in one output batch (8 TB per int64 output)
+  for (size_t r = 0; r < m; ++r) {
+    int64_t w = std::max<int64_t>(batch.length[r], target);
+    if (w > kMaxTotal - total)
+      throw std::length_error("padding: the padded batch would exceed 2^40 tokens (" + std::to_string(m) +
+                              " rows of up to " + std::to_string(w) + " tokens); lower max_length");
+    batch.row_offset[r] = total;
+    batch.width[r] = w;
     total += w;
     if (w != batch.width[0]) batch.uniform = false;
   }
@@ -897,31 +998,34 @@ void finalize(const EncodeParams& params, EncodedBatch& batch) {
 }
 
 void fill(const EncodeParams& params, const EncodedBatch& batch, OutputBuffers o, ThreadPool* pool) {
-  const size_t n = batch.a.size();
+  const size_t m = batch.rows.size();
   const bool special = params.add_special_tokens;
-  auto row = [&](size_t i) {
-    const int64_t base = batch.row_offset[i], w = batch.width[i], len = batch.length[i];
+  auto row = [&](size_t r) {
+    const EncodedBatch::Row& rw = batch.rows[r];
+    const int64_t base = batch.row_offset[r], w = batch.width[r], len = batch.length[r];
     const int64_t pad = w - len;
     int64_t pos = params.pad_left ? base + pad : base;
     const int64_t pad_at = params.pad_left ? base : base + len;
-    auto put = [&](int32_t id, int32_t type, int32_t st, int32_t en, int32_t sp) {
+    auto put = [&](int32_t id, int32_t type) {
       if (o.input_ids) o.input_ids[pos] = id;
       if (o.attention_mask) o.attention_mask[pos] = 1;
       if (o.token_type_ids) o.token_type_ids[pos] = type;
-      if (o.special_tokens_mask) o.special_tokens_mask[pos] = sp;
+      if (o.special_tokens_mask) o.special_tokens_mask[pos] = 1;
       if (o.offsets) {
-        o.offsets[2 * pos] = st;
-        o.offsets[2 * pos + 1] = en;
+        o.offsets[2 * pos] = 0;
+        o.offsets[2 * pos + 1] = 0;
       }
+      if (o.word_ids) o.word_ids[pos] = -1;
+      if (o.sequence_ids) o.sequence_ids[pos] = -1;
       ++pos;
     };
-    auto seq = [&](const EncodedBatch::Span& sp, int32_t keep, int32_t type) {
+    auto seq = [&](const EncodedBatch::Span& sp, uint32_t at, uint32_t keep, int32_t type) {
       const EncodedBatch::Chunk& ch = batch.chunks[size_t(sp.chunk)];
-      uint32_t first = sp.begin + (params.truncate_left ? sp.len - uint32_t(keep) : 0);
+      const uint32_t first = sp.begin + at;
       const int32_t* ids = ch.ids.data() + first;
       if (o.input_ids) {
         int64_t* dst = o.input_ids + pos;
-        for (int32_t k = 0; k < keep; ++k) dst[k] = ids[k];
+        for (uint32_t k = 0; k < keep; ++k) dst[k] = ids[k];
       }
       if (o.attention_mask) std::fill(o.attention_mask + pos, o.attention_mask + pos + keep, int64_t(1));
       if (o.token_type_ids) std::fill(o.token_type_ids + pos, o.token_type_ids + pos + keep, int64_t(type));
@@ -929,16 +1033,21 @@ void fill(const EncodeParams& params, const EncodedBatch& batch, OutputBuffers o
       if (o.offsets) {
         const int32_t* offs = params.with_offsets ? ch.offsets.data() + 2 * size_t(first) : nullptr;
         int64_t* dst = o.offsets + 2 * pos;
-        for (int32_t k = 0; k < 2 * keep; ++k) dst[k] = offs ? offs[k] : 0;
+        for (uint32_t k = 0; k < 2 * keep; ++k) dst[k] = offs ? offs[k] : 0;
       }
+      if (o.word_ids) {
+        const int32_t* words = params.with_words ? ch.words.data() + first : nullptr;
+        for (uint32_t k = 0; k < keep; ++k) o.word_ids[pos + k] = words ? words[k] : -1;
+      }
+      if (o.sequence_ids) std::fill(o.sequence_ids + pos, o.sequence_ids + pos + keep, int8_t(type));
       pos += keep;
     };
-    if (special) put(params.cls_id, 0, 0, 0, 1);
-    seq(batch.a[i], batch.keep_a[i], 0);
-    if (special) put(params.sep_id, 0, 0, 0, 1);
+    if (special) put(params.cls_id, 0);
+    seq(batch.a[size_t(rw.src)], rw.a_first, rw.a_len, 0);
+    if (special) put(params.sep_id, 0);
     if (batch.has_pair) {
-      seq(batch.b[i], batch.keep_b[i], 1);
-      if (special) put(params.sep_id, 1, 0, 0, 1);
+      seq(batch.b[size_t(rw.src)], rw.b_first, rw.b_len, 1);
+      if (special) put(params.sep_id, 1);
     }
     if (pad > 0) {
       if (o.input_ids) std::fill(o.input_ids + pad_at, o.input_ids + pad_at + pad, int64_t(params.pad_id));
@@ -948,18 +1057,20 @@ void fill(const EncodeParams& params, const EncodedBatch& batch, OutputBuffers o
       if (o.special_tokens_mask)
         std::fill(o.special_tokens_mask + pad_at, o.special_tokens_mask + pad_at + pad, int64_t(1));
       if (o.offsets) std::fill(o.offsets + 2 * pad_at, o.offsets + 2 * (pad_at + pad), int64_t(0));
+      if (o.word_ids) std::fill(o.word_ids + pad_at, o.word_ids + pad_at + pad, int32_t(-1));
+      if (o.sequence_ids) std::fill(o.sequence_ids + pad_at, o.sequence_ids + pad_at + pad, int8_t(-1));
     }
   };
   int threads = pool ? std::min(std::max(1, params.num_threads), pool->threads()) : 1;
   if (batch.total < (1 << 16)) threads = 1;
   if (threads == 1) {
-    for (size_t i = 0; i < n; ++i) row(i);
+    for (size_t r = 0; r < m; ++r) row(r);
     return;
   }
-  const int ntasks = int(std::min<size_t>(n, size_t(threads) * 4));
+  const int ntasks = int(std::min<size_t>(m, size_t(threads) * 4));
   pool->run(ntasks, [&](int t) {
-    size_t lo = n * size_t(t) / size_t(ntasks), hi = n * size_t(t + 1) / size_t(ntasks);
-    for (size_t i = lo; i < hi; ++i) row(i);
+    size_t lo = m * size_t(t) / size_t(ntasks), hi = m * size_t(t + 1) / size_t(ntasks);
+    for (size_t r = lo; r < hi; ++r) row(r);
   });
 }
 

@@ -123,6 +123,11 @@ struct Scratch {
   std::vector<int32_t> bend;    // per byte: end of the original character
   size_t wn = 0;                // bytes in the word
   int32_t nchars = 0;           // characters in the word
+  // When set, receives the word index of each token (HF word_ids: the n-th non-empty
+  // pre-tokenized word of the text; special tokens matched in the text count as words).
+  // Kept here rather than in Sink, which stays two pointers (passed in registers).
+  std::vector<int32_t>* words = nullptr;
+  int32_t word_index = 0;       // index of the next pre-tokenized word of the text
   bool track = false;           // offsets requested: fill bstart / bend
   inline void reserve(size_t more) {
     if (wn + more > cap()) grow(wn + more);
@@ -171,7 +176,8 @@ struct TextView {
 };
 
 // Output of one encoded text: token ids and, optionally, (start, end) offsets
-// in code points of the original string, appended to caller-owned vectors.
+// in code points of the original string, appended to caller-owned vectors
+// (word indices go to Scratch::words).
 struct Sink {
   std::vector<int32_t>* ids;
   std::vector<int32_t>* offsets;  // 2 ints per token, may be null
@@ -195,8 +201,6 @@ class Tokenizer {
   const std::vector<std::string>& vocab() const { return vocab_; }
   const Options& options() const { return options_; }
   int32_t unk_id() const { return unk_id_; }
-  // Id of token, or -1.
-  int32_t token_to_id(const std::string& token) const;
 
  private:
   void flush_word(Scratch& s, Sink out) const;
@@ -268,36 +272,58 @@ struct EncodeParams {
   int64_t pad_to_multiple_of = 0;
   bool pad_left = false;
   bool with_offsets = false;
+  bool with_words = false;   // fill EncodedBatch::Chunk::words (word_ids / sequence_ids outputs)
+  bool overflow = false;     // keep the truncated tokens as extra rows (HF return_overflowing_tokens)
+  int64_t stride = 0;        // tokens repeated between consecutive overflowing rows
   int num_threads = 1;
+};
+
+// One side (texts or text pairs) of a batch. Without splits, row i is views[i].
+// With splits (n + 1 non-decreasing offsets, HF is_split_into_words), row i is
+// the words views[splits[i] .. splits[i + 1]), each pre-tokenized on its own:
+// its tokens carry the word's index in the row and offsets within the word.
+struct TextBatch {
+  std::vector<TextView> views;
+  std::vector<int64_t> splits;
+  size_t rows() const { return splits.empty() ? views.size() : splits.size() - 1; }
 };
 
 // A batch of encoded texts (and optional pairs) before post-processing.
 struct EncodedBatch {
   struct Chunk {
-    std::vector<int32_t> ids, offsets;
+    std::vector<int32_t> ids, offsets, words;
   };
   struct Span {
     int32_t chunk;
     uint32_t begin, len;
   };
+  // One output row: input row src, with the tokens [a_first, a_first + a_len)
+  // of its first sequence and [b_first, b_first + b_len) of the pair (relative
+  // to the spans). Without overflow there is one row per input row.
+  struct Row {
+    int64_t src;
+    uint32_t a_first, a_len, b_first, b_len;
+  };
   std::vector<Chunk> chunks;
-  std::vector<Span> a, b;  // b is empty without pairs
+  std::vector<Span> a, b;  // per input row; b is empty without pairs
   bool has_pair = false;
-  // After finalize(): tokens kept of A and B, and row length with special tokens.
-  std::vector<int32_t> keep_a, keep_b, length;
+  // After finalize(): output rows and their length with special tokens.
+  std::vector<Row> rows;
+  std::vector<int32_t> length;
   // Rows are stored back to back: row i starts at row_offset[i] and is
   // width[i] >= length[i] tokens wide (the rest is padding).
   std::vector<int64_t> row_offset, width;
   int64_t total = 0;        // sum of width
   bool uniform = true;      // every row has the same width
-  int64_t bad_text = -1, bad_pair = -1;  // first row holding a lone surrogate
+  int64_t bad_text = -1, bad_pair = -1;  // first input row holding a lone surrogate
 };
 
-// Encodes texts[i] (and pairs[i] when pairs != nullptr) with up to
-// params.num_threads threads of pool (pool may be null for one thread).
-// Rows with a lone surrogate are recorded in out.bad_text / out.bad_pair (first index, else -1).
-void encode_batch(const Tokenizer& tok, const std::vector<TextView>& texts, const std::vector<TextView>* pairs,
-                  const EncodeParams& params, ThreadPool* pool, EncodedBatch& out);
+// Encodes the rows of texts (and of pairs when pairs != nullptr, with as many
+// rows) with up to params.num_threads threads of pool (pool may be null for
+// one thread). Rows with a lone surrogate are recorded in out.bad_text /
+// out.bad_pair (first index, else -1).
+void encode_batch(const Tokenizer& tok, const TextBatch& texts, const TextBatch* pairs, const EncodeParams& params,
+                  ThreadPool* pool, EncodedBatch& out);
 
 // Raw encoding without post-processing other than optional [CLS] text [SEP]:
 // ids of all texts back to back (row i is ids[row_splits[i] .. row_splits[i+1])).
@@ -318,18 +344,23 @@ struct RaggedIds {
 int64_t encode_ragged(const Tokenizer& tok, const std::vector<TextView>& texts, int32_t cls_id, int32_t sep_id,
                       int num_threads, ThreadPool* pool, RaggedIds& ids, std::vector<int64_t>& row_splits);
 
-// Truncation + special tokens + padding width; throws std::invalid_argument
-// with HF's message when a sequence is too short to truncate.
+// Truncation (with overflowing rows when params.overflow, in the order of HF
+// tokenizers' Encoding::merge_with) + special tokens + padding width; throws
+// std::invalid_argument with HF's message when a sequence is too short to
+// truncate or the stride is not below the truncated length.
 void finalize(const EncodeParams& params, EncodedBatch& batch);
 
 // Output buffers, each optional (null), batch.total entries (offsets: 2 per entry),
-// rows packed back to back as described by row_offset / width.
+// rows packed back to back as described by row_offset / width. word_ids and
+// sequence_ids (needs params.with_words) are -1 for special and padding tokens.
 struct OutputBuffers {
   int64_t* input_ids = nullptr;
   int64_t* attention_mask = nullptr;
   int64_t* token_type_ids = nullptr;
   int64_t* special_tokens_mask = nullptr;
   int64_t* offsets = nullptr;
+  int32_t* word_ids = nullptr;
+  int8_t* sequence_ids = nullptr;
 };
 void fill(const EncodeParams& params, const EncodedBatch& batch, OutputBuffers out, ThreadPool* pool);
 

@@ -31,6 +31,8 @@ import sys
 import sysconfig
 from typing import Iterator, List, Optional, Tuple
 
+from .tokenizers._io import atomic_open
+
 MB = 1 << 20
 
 
@@ -104,10 +106,11 @@ def build_corpus(out: str, mb: float = 24.0, quiet: bool = False) -> str:
     if os.path.isfile(out) and os.path.getsize(out) >= target:
         return out
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
-    tmp = out + ".tmp"
     total = 0
     stats = []
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+    # A temporary file of its own (unique name beside `out`, renamed over it when complete): two
+    # builds running at once each write their own, and the last rename wins with a whole file.
+    with atomic_open(out, "w", encoding="utf-8", newline="\n") as f:
         for name, share, it in _sources():
             cap = target - total if share >= 1.0 else int(target * share)
             got = 0
@@ -126,11 +129,9 @@ def build_corpus(out: str, mb: float = 24.0, quiet: bool = False) -> str:
                     got += n
                     total += n
             stats.append((name, got))
-    if total < target:
-        os.unlink(tmp)
-        raise RuntimeError(
-            f"only {total / MB:.1f} MB of text found on this machine, {mb} MB wanted: sources {stats}")
-    os.replace(tmp, out)
+        if total < target:  # raised inside the block: the temporary file is removed, `out` untouched
+            raise RuntimeError(
+                f"only {total / MB:.1f} MB of text found on this machine, {mb} MB wanted: sources {stats}")
     if not quiet:
         print(f"wrote {out}: {total / MB:.1f} MB ({', '.join(f'{n} {g / MB:.1f} MB' for n, g in stats)})")
     return out

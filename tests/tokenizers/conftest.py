@@ -96,3 +96,18 @@ def corpus_lines(corpus_path):
 @pytest.fixture(scope="session")
 def gen_unicode_tables():
     return _load_script("gen_unicode_tables")
+
+
+@pytest.fixture(scope="session")
+def reviews():
+    """The real movie-review snippets (text only), in file order."""
+    from turbotune.data import movie_reviews
+
+    return [r.text for r in movie_reviews()]
+
+
+@pytest.fixture(scope="session")
+def labeled_reviews():
+    from turbotune.data import movie_reviews
+
+    return movie_reviews()

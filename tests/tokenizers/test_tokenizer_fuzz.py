@@ -84,3 +84,51 @@ def test_fuzz_decode(tt, hf, text):
     assert tt.decode(ids) == hf.decode(ids)
     assert tt.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
     assert normalize(tt.tokenize(text)) == normalize(hf.tokenize(text))
+
+
+@settings(max_examples=int(os.environ.get("TT_FUZZ_OVERFLOW", 120)), **SETTINGS)
+@given(a=texts, b=st.one_of(st.none(), texts), max_length=st.integers(3, 30), stride=st.integers(0, 6),
+       strategy=st.sampled_from(["longest_first", "only_first", "only_second"]),
+       padding=st.sampled_from([False, True, "max_length"]), side=st.sampled_from(["right", "left"]),
+       pad_side=st.sampled_from(["right", "left"]))
+def test_fuzz_overflow_and_alignment(tt, hf, a, b, max_length, stride, strategy, padding, side, pad_side):
+    """Overflowing rows, stride, truncation side, padding side: every output and the row encodings."""
+    from tok_helpers import assert_same_encodings
+
+    kw = dict(truncation=strategy, max_length=max_length, stride=stride, padding=padding, padding_side=pad_side,
+              return_overflowing_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True)
+    old = tt.truncation_side, hf.truncation_side
+    tt.truncation_side = hf.truncation_side = side
+    try:
+        try:
+            ref = hf(a, b, **kw)
+        except BaseException as exc:  # Truncation error, or a PanicException for a too large stride
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            assert "Truncation error" in str(exc) or "stride" in str(exc), exc
+            with pytest.raises(ValueError, match="Truncation error|stride"):
+                tt(a, b, **kw)
+            return
+        ours = tt(a, b, **kw)
+        assert_same(ours, ref, keys=tuple(ref.keys()), texts=[a, b])
+        assert_same_encodings(ours, ref, rows=range(min(3, len(ref["input_ids"]))))
+        assert_same_encodings(ours, ref, probe_methods=False)
+    finally:
+        tt.truncation_side, hf.truncation_side = old
+
+
+word = st.one_of(st.text(alphabet=any_char, max_size=8), tricky, words)
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(rows=st.lists(st.lists(word, max_size=10), min_size=1, max_size=5), max_length=st.integers(4, 24))
+def test_fuzz_is_split_into_words(tt, hf, rows, max_length):
+    from tok_helpers import assert_same_encodings
+
+    kw = dict(is_split_into_words=True, truncation=True, max_length=max_length, padding=True,
+              return_offsets_mapping=True)
+    assert_same(tt(rows, **kw), hf(rows, **kw), texts=rows)
+    assert_same_encodings(tt(rows, **kw), hf(rows, **kw), probe_methods=False)
+    half = len(rows) // 2
+    if half:
+        assert_same(tt(rows[:half], rows[half:2 * half], **kw), hf(rows[:half], rows[half:2 * half], **kw))

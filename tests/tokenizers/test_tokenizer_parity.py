@@ -47,7 +47,8 @@ def test_whole_corpus_raw_parity(tt, hf, corpus_lines, chunk):
     ref.no_truncation()
     n = len(corpus_lines)
     lines = corpus_lines[chunk * n // 4:(chunk + 1) * n // 4]
-    raw = tt._encode_raw(lines, None, offsets=True, attention_mask=False, token_type_ids=False)
+    raw = tt._native.encode_batch(*tt._native_args(
+        lines, None, None, None, True, 0, None, 0, None, False, 0, False, True, False, False, False, None))
     ref_ids, ref_len, ref_off = _flat_hf(ref.encode_batch(lines, add_special_tokens=True))
     same = (raw["length"].shape == ref_len.shape and np.array_equal(raw["length"], ref_len)
             and np.array_equal(raw["input_ids"], ref_ids))

@@ -15,6 +15,10 @@ the ``baseline=True`` case (so ``ratio_vs_torch`` reads "x faster than HF"):
   ``tok(batch, padding="max_length", truncation=True, max_length=128,
   return_tensors="pt")``: transformers' ``BertTokenizerFast`` vs turbotune's
   ``BertTokenizer`` (one thread) vs nanotoken's ``as_hf()`` (cold cache per pass).
+* ``words-batch32-word_ids``: token-classification preprocessing, batches of 32
+  lines split into words, ``tok(rows, is_split_into_words=True, truncation=True,
+  max_length=128)`` then ``word_ids(i)`` of every row (turbotune computes the
+  alignment on that first ``word_ids`` call): transformers vs turbotune (one thread).
 
 nanotoken is optional (``pip install nanotoken``); its cases are skipped when it
 is absent. Text size: ``TURBOTUNE_TOKENIZER_BENCH_MB`` (default 2, quick 0.25).
@@ -125,6 +129,23 @@ def tokenizer_suite(quick: bool, device: torch.device) -> Iterator[Case]:
 
     yield case("padded-batch32", "transformers", hf_padded, baseline=True, dtype="int64")
     yield case("padded-batch32", "turbotune", ours_padded, dtype="int64")
+    word_batches = [[line.split() for line in b] for b in batches]
+    wkw = dict(is_split_into_words=True, truncation=True, max_length=128)
+
+    def words(tok):
+        def run():
+            for rows in word_batches:
+                enc = tok(rows, **wkw)
+                for i in range(len(rows)):
+                    enc.word_ids(i)
+        return run
+
+    def hf_words():
+        with _hf_parallelism(False):
+            words(hf_fast)()
+
+    yield case("words-batch32-word_ids", "transformers", hf_words, baseline=True, dtype="int64")
+    yield case("words-batch32-word_ids", "turbotune", words(ours), dtype="int64")
     if nt_hf is not None:
         def nt_padded():
             nt.clear_cache()

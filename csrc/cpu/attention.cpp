@@ -204,6 +204,35 @@ TT_INLINE typename Vec<W>::F vexp2(typename Vec<W>::F x) {
   return p * __builtin_bit_cast(V, e);
 }
 
+// Natural log of positive x (Cephes logf: relative error ~1e-7); +inf and NaN pass through.
+template <int W>
+TT_INLINE typename Vec<W>::F vlog(typename Vec<W>::F x) {
+  using V = typename Vec<W>::F;
+  using I = typename Vec<W>::I;
+  const I xi = __builtin_bit_cast(I, x);
+  I e = ((xi >> 23) & 0xff) - 126;                                      // x = m * 2^e, m in [0.5, 1)
+  V m = __builtin_bit_cast(V, (xi & 0x007fffff) | 0x3f000000);
+  const auto small = m < vset<V>(0.707106781186547524f);
+  e = small ? e - 1 : e;
+  m = small ? m + m - 1.f : m - 1.f;
+  const V z = m * m;
+  V y = vset<V>(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const V ef = __builtin_convertvector(e, V);
+  y += ef * -2.12194440e-4f;
+  y += z * -0.5f;
+  V r = m + y + ef * 0.693359375f;
+  return x < vset<V>(std::numeric_limits<float>::infinity()) ? r : x;
+}
+
 // ------------------------------------------------------------------ Philox dropout
 
 constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
@@ -485,6 +514,23 @@ TT_INLINE RowStat fwd_row_body(float* __restrict s, int64_t n, int64_t lkn, floa
   return {mx, hsum<W>(vs)};
 }
 
+// Per row of a block: lse = max * scale + log(sum) (natural log; -inf when sum is 0: no key) and
+// inv = 1 / sum (0 when no key). max / sum are the raw-unit row max and the sum fwd_row returned.
+template <class C>
+TT_INLINE void row_stats_body(const float* __restrict mx, const float* __restrict sum, int64_t m, float scale,
+                              float* __restrict lse, float* __restrict inv) {
+  using V = typename C::V;
+  constexpr int W = C::W;
+  const V zero{}, ninf = vset<V>(kNegInf), one = vset<V>(1.f);
+  for (int64_t r = 0; r < m; r += W) {  // the arrays hold a multiple of W entries
+    const V sm = vload<V>(sum + r);
+    const auto any = sm > zero;
+    const V safe = any ? sm : one;
+    vstore(lse + r, any ? vload<V>(mx + r) * scale + vlog<W>(safe) : ninf);
+    vstore(inv + r, any ? one / safe : zero);
+  }
+}
+
 // Backward row: s = raw scores, dp = dO . v over [0, n). Writes P = exp(scale * s - lse) into s,
 // dS = P * (dP * Z - delta) into dp and P * Z into pz (when dropout), zeros past n up to lkn.
 template <class C>
@@ -577,6 +623,7 @@ struct IsaOps {
   void (*bwd_row)(float*, float*, float*, int64_t, int64_t, float, float, float, const float*, const int32_t*, float*);
   void (*dropout_mult)(const Dropout&, uint32_t, uint32_t, int64_t, float*);
   void (*transpose)(const float*, int64_t, int64_t, int64_t, float*, int64_t);
+  void (*row_stats)(const float*, const float*, int64_t, float, float*, float*);
 };
 
 #define TT_DEFINE_ISA(NAME, ATTR, CFG, DROPOUT)                                                                 \
@@ -595,8 +642,12 @@ struct IsaOps {
   ATTR void transpose_##NAME(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) { \
     transpose_body(src, lds, rows, cols, dst, ldd);                                                             \
   }                                                                                                            \
+  ATTR void row_stats_##NAME(const float* mx, const float* sum, int64_t m, float scale, float* lse, float* inv) { \
+    row_stats_body<CFG>(mx, sum, m, scale, lse, inv);                                                          \
+  }                                                                                                            \
   const IsaOps kOps_##NAME = {#NAME,           CFG::W,          CFG::MR,             &gemm_##NAME,              \
-                              &fwd_row_##NAME, &bwd_row_##NAME, &dropout_mult_##NAME, &transpose_##NAME};
+                              &fwd_row_##NAME, &bwd_row_##NAME, &dropout_mult_##NAME, &transpose_##NAME,        \
+                              &row_stats_##NAME};
 
 #define TT_NO_ATTR
 TT_DEFINE_ISA(generic, TT_NO_ATTR, CfgGeneric, dropout_mult_body)
@@ -833,7 +884,7 @@ void forward_item(const Ctx& cx, const Item& it, Scratch& sc) {
   const int64_t lkn = round_up(lkc, W), lks = lead_dim(lkc, W);
   const int64_t bm = std::min(block_rows(lks, ops.MR), std::max<int64_t>(it.lq, 1));
   const size_t mult_n = mult_floats(cx, it, bm);
-  const size_t need = size_t(G * (D * lks + 2 * lkc * ldd + 2 * bm * ldd + bm) + bm * lks + lks + bm) +
+  const size_t need = size_t(G * (D * lks + 2 * lkc * ldd + 2 * bm * ldd + bm + 16) + bm * lks + lks + 4 * bm + 64) +
                       mult_n + kCarveSlack;
   Carve cv{sc.floats(need), need};
   float* KT = cv.take(size_t(G * D * lks));   // head g: KT + g * D * lks, (D x lks)
@@ -841,7 +892,11 @@ void forward_item(const Ctx& cx, const Item& it, Scratch& sc) {
   float* Vp = cv.take(size_t(G * lkc * ldd));  // head g: (lkc x ldd)
   float* Qb = cv.take(size_t(G * bm * ldd));   // head g: (bm x ldd)
   float* Ob = cv.take(size_t(G * bm * ldd));
-  float* inv_sum = cv.take(size_t(G * bm));
+  const int64_t bms = round_up(bm, 16);  // row_stats works in whole vectors
+  float* inv_sum = cv.take(size_t(G * bms));
+  float* row_max = cv.take(size_t(bms));
+  float* row_sum = cv.take(size_t(bms));
+  float* row_lse = cv.take(size_t(bms));
   float* Sb = cv.take(size_t(bm * lks));
   float* tmp = cv.take(size_t(lks));
   float* mult = cx.dropout ? cv.take(mult_n) : nullptr;
@@ -879,10 +934,12 @@ void forward_item(const Ctx& cx, const Item& it, Scratch& sc) {
         const int64_t i = i0 + r;
         const float* mrow = mult ? mult + (i * it.lk - first) : nullptr;
         const RowStat st = ops.fwd_row(Sb + r * lks, ncnt[r], lkn, cx.c, mrow, kidx, tmp);
-        const bool any = st.sum > 0.f;
-        *lse_at(h, it.q0 + i) = any ? st.max * float(p.scale) + std::log(st.sum) : kNegInf;
-        inv_sum[g * bm + r] = any ? 1.f / st.sum : 0.f;
+        row_max[r] = st.max;
+        row_sum[r] = st.sum;
       }
+      for (int64_t r = m; r < round_up(m, W); ++r) row_max[r] = row_sum[r] = 0.f;
+      ops.row_stats(row_max, row_sum, m, float(p.scale), row_lse, inv_sum + g * bms);
+      for (int64_t r = 0; r < m; ++r) *lse_at(h, it.q0 + i0 + r) = row_lse[r];
       Gemm go;
       go.M = m, go.N = Dn, go.K = lkc, go.a = Sb, go.lda = lks, go.b = Vp + g * lkc * ldd, go.ldb = ldd;
       go.c = Ob + g * bm * ldd, go.ldc = ldd, go.row_kend = causal ? ncnt : nullptr;
@@ -891,7 +948,7 @@ void forward_item(const Ctx& cx, const Item& it, Scratch& sc) {
     for (int64_t r = 0; r < m; ++r)
       for (int64_t g = 0; g < G; ++g)
         store_row<S>(elem_ptr_mut<S>(cx.out, b, it.h0 + g, it.q0 + i0 + r), cx.out.sd, D, Ob + (g * bm + r) * ldd,
-                     inv_sum[g * bm + r]);
+                     inv_sum[g * bms + r]);
   }
 }
 

@@ -32,8 +32,10 @@ Inputs may have any strides (e.g. ``(B, L, H, D)`` projections viewed as
 ``(B, H, L, D)``); outputs are allocated with ``torch.empty_like`` (so they
 follow the inputs' layout when it is dense). The kernels use
 ``torch.get_num_threads()`` threads and release the GIL. There is no limit on
-the head dim or the sequence lengths beyond memory: each thread keeps about
-``(6 * Lk + 8 * BM) * D`` floats of scratch (BM <= 64 query rows).
+the head dim or the sequence lengths beyond memory: the backward keeps about
+``5 * Lk * D + 3 * BM * (D + Lk)`` floats of scratch per thread and head of a work item (BM <= 64
+query rows). Per head, ``Lq * Lk`` must stay below ``2**34`` (32-bit Philox counter, as the Triton
+kernels).
 """
 from __future__ import annotations
 

@@ -233,6 +233,49 @@ def _problem(q: Tensor, heads: int, seqlen_q: int, seqlen_k: int, cu_q, cu_k, to
     )
 
 
+def _check_grad_inputs(fn: str, q: Tensor, grad, layout: str, lse_shape) -> None:
+    """Backward extras: dout and the forward's out shaped like q, lse fp32 ``lse_shape``."""
+    dout, out, lse = grad
+    for name, t in (("dout", dout), ("out", out)):
+        _check_float(fn, name, t, q.dim(), layout)
+        _check_same(fn, name, t, q, q.shape)
+    _check_lse(fn, lse, lse_shape)
+
+
+def _varlen_problem(fn: str, q, k, v, grad, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset,
+                    simd) -> dict:
+    """Checks every argument of a varlen call (``grad`` = (dout, out, lse) for the backward)."""
+    _check_qkv(fn, q, k, v, 3, "(total, H, D)")
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"{fn}: k must have q's head count {q.shape[1]}, got shape {tuple(k.shape)}")
+    if grad is not None:
+        _check_grad_inputs(fn, q, grad, "(total_q, H, D)", (q.shape[1], q.shape[0]))
+    _check_cu(fn, "cu_q", cu_q, q.shape[0], "max_q", max_q)
+    _check_cu(fn, "cu_k", cu_k, k.shape[0], "max_k", max_k)
+    if cu_q.numel() != cu_k.numel():
+        raise ValueError(f"{fn}: cu_q and cu_k must have the same length (B + 1), got {cu_q.numel()} and {cu_k.numel()}")
+    p, thr, off = _check_scalars(fn, dropout_p, causal, scale, seed, offset)
+    _check_simd(simd)
+    return _problem(q, q.shape[1], 0, 0, cu_q, cu_k, q.shape[0], k.shape[0], None, causal, scale, p, thr, seed, off,
+                    simd)
+
+
+def _dense_problem(fn: str, q, k, v, grad, key_mask, causal, scale, dropout_p, seed, offset, simd):
+    """Checks every argument of a dense call (``grad`` = (dout, out, lse) for the backward).
+    Returns ``(args, mask)``: the caller must hold ``mask`` (the uint8 key mask, possibly a new
+    tensor) until the kernel has run, ``args`` only holds its address."""
+    _check_qkv(fn, q, k, v, 4, "(B, H, L, D)")
+    b, h, lq, d = q.shape
+    if k.shape[0] != b or k.shape[1] != h:
+        raise ValueError(f"{fn}: k must have shape ({b}, {h}, Lk, {d}) to match q, got {tuple(k.shape)}")
+    mask = _check_key_mask(fn, key_mask, b, k.shape[2])
+    if grad is not None:
+        _check_grad_inputs(fn, q, grad, "(B, H, Lq, D)", (b, h, lq))
+    p, thr, off = _check_scalars(fn, dropout_p, causal, scale, seed, offset)
+    _check_simd(simd)
+    return _problem(q, h, lq, k.shape[2], None, None, 0, 0, mask, causal, scale, p, thr, seed, off, simd), mask
+
+
 # ----------------------------------------------------------------------------- varlen
 
 
@@ -256,20 +299,10 @@ def varlen_forward(
         ``(out, lse)``: out ``(total_q, H, D)`` in q's dtype (``empty_like(q)``), lse fp32
         ``(H, total_q)`` (natural log; ``-inf`` for rows with no key).
     """
-    fn = "varlen_forward"
-    _check_qkv(fn, q, k, v, 3, "(total, H, D)")
-    if k.shape[1] != q.shape[1]:
-        raise ValueError(f"{fn}: k must have q's head count {q.shape[1]}, got shape {tuple(k.shape)}")
-    _check_cu(fn, "cu_q", cu_q, q.shape[0], "max_q", max_q)
-    _check_cu(fn, "cu_k", cu_k, k.shape[0], "max_k", max_k)
-    if cu_q.numel() != cu_k.numel():
-        raise ValueError(f"{fn}: cu_q and cu_k must have the same length (B + 1), got {cu_q.numel()} and {cu_k.numel()}")
-    p, thr, off = _check_scalars(fn, dropout_p, causal, scale, seed, offset)
-    _check_simd(simd)
+    args = _varlen_problem("varlen_forward", q, k, v, None, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale,
+                           seed, offset, simd)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
-    args = _problem(q, q.shape[1], 0, 0, cu_q, cu_k, q.shape[0], k.shape[0], None, causal, scale, p, thr, seed, off,
-                    simd)
     _lib().attention_forward_cpu(**args, q=_varlen_view(q), k=_varlen_view(k), v=_varlen_view(v),
                                  out=_varlen_view(out), lse=_varlen_lse_view(lse))
     return out, lse
@@ -285,23 +318,9 @@ def varlen_backward(
     Returns:
         ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v`` (``empty_like``), in their dtype.
     """
-    fn = "varlen_backward"
-    _check_qkv(fn, q, k, v, 3, "(total, H, D)")
-    if k.shape[1] != q.shape[1]:
-        raise ValueError(f"{fn}: k must have q's head count {q.shape[1]}, got shape {tuple(k.shape)}")
-    for name, t in (("dout", dout), ("out", out)):
-        _check_float(fn, name, t, 3, "(total_q, H, D)")
-        _check_same(fn, name, t, q, q.shape)
-    _check_lse(fn, lse, (q.shape[1], q.shape[0]))
-    _check_cu(fn, "cu_q", cu_q, q.shape[0], "max_q", max_q)
-    _check_cu(fn, "cu_k", cu_k, k.shape[0], "max_k", max_k)
-    if cu_q.numel() != cu_k.numel():
-        raise ValueError(f"{fn}: cu_q and cu_k must have the same length (B + 1), got {cu_q.numel()} and {cu_k.numel()}")
-    p, thr, off = _check_scalars(fn, dropout_p, causal, scale, seed, offset)
-    _check_simd(simd)
+    args = _varlen_problem("varlen_backward", q, k, v, (dout, out, lse), cu_q, cu_k, max_q, max_k, dropout_p, causal,
+                           scale, seed, offset, simd)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    args = _problem(q, q.shape[1], 0, 0, cu_q, cu_k, q.shape[0], k.shape[0], None, causal, scale, p, thr, seed, off,
-                    simd)
     _lib().attention_backward_cpu(
         **args, dout=_varlen_view(dout), q=_varlen_view(q), k=_varlen_view(k), v=_varlen_view(v),
         out=_varlen_view(out), lse=_varlen_lse_view(lse), dq=_varlen_view(dq), dk=_varlen_view(dk),
@@ -311,14 +330,6 @@ def varlen_backward(
 
 
 # ----------------------------------------------------------------------------- dense
-
-
-def _check_dense(fn: str, q, k, v, key_mask) -> Optional[Tensor]:
-    _check_qkv(fn, q, k, v, 4, "(B, H, L, D)")
-    b, h, _, d = q.shape
-    if k.shape[0] != b or k.shape[1] != h:
-        raise ValueError(f"{fn}: k must have shape ({b}, {h}, Lk, {d}) to match q, got {tuple(k.shape)}")
-    return _check_key_mask(fn, key_mask, b, k.shape[2])
 
 
 def dense_forward(
@@ -338,14 +349,11 @@ def dense_forward(
         ``(out, lse)``: out ``(B, H, Lq, D)`` in q's dtype (``empty_like(q)``), lse fp32
         ``(B, H, Lq)``.
     """
-    fn = "dense_forward"
-    mask = _check_dense(fn, q, k, v, key_mask)
-    p, thr, off = _check_scalars(fn, dropout_p, causal, scale, seed, offset)
-    _check_simd(simd)
+    args, _mask = _dense_problem("dense_forward", q, k, v, None, key_mask, causal, scale, dropout_p, seed, offset,
+                                 simd)
     b, h, lq, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(b, h, lq, dtype=torch.float32)
-    args = _problem(q, h, lq, k.shape[2], None, None, 0, 0, mask, causal, scale, p, thr, seed, off, simd)
     _lib().attention_forward_cpu(**args, q=_dense_view(q), k=_dense_view(k), v=_dense_view(v), out=_dense_view(out),
                                  lse=_dense_lse_view(lse))
     return out, lse
@@ -361,17 +369,9 @@ def dense_backward(
     Returns:
         ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v`` (``empty_like``); masked keys get zeros.
     """
-    fn = "dense_backward"
-    mask = _check_dense(fn, q, k, v, key_mask)
-    for name, t in (("dout", dout), ("out", out)):
-        _check_float(fn, name, t, 4, "(B, H, Lq, D)")
-        _check_same(fn, name, t, q, q.shape)
-    b, h, lq, _ = q.shape
-    _check_lse(fn, lse, (b, h, lq))
-    p, thr, off = _check_scalars(fn, dropout_p, causal, scale, seed, offset)
-    _check_simd(simd)
+    args, _mask = _dense_problem("dense_backward", q, k, v, (dout, out, lse), key_mask, causal, scale, dropout_p,
+                                 seed, offset, simd)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    args = _problem(q, h, lq, k.shape[2], None, None, 0, 0, mask, causal, scale, p, thr, seed, off, simd)
     _lib().attention_backward_cpu(
         **args, dout=_dense_view(dout), q=_dense_view(q), k=_dense_view(k), v=_dense_view(v), out=_dense_view(out),
         lse=_dense_lse_view(lse), dq=_dense_view(dq), dk=_dense_view(dk), dv=_dense_view(dv),

@@ -1,13 +1,14 @@
 // CPU attention forward / backward (see attention.h).
 //
-// Work is split into (sequence, head) items, sorted by cost and shared by one
-// OpenMP loop with dynamic scheduling, so long and short sequences balance.
-// Each item:
+// Work is split into (sequence, group of heads) items, sorted by cost and
+// shared by one OpenMP loop with dynamic scheduling, so long and short
+// sequences balance. Heads are grouped so that packing reads whole token rows
+// of (tokens, H, D) projections instead of short per-head chunks. Each item:
 //   * packs its keys (and values) into fp32 panels: K^T (D x Lk) for the score
-//     matmul, K and V^T for the backward. With a key padding mask only the
-//     attended keys are packed ("compacted"), so masked keys cost nothing and
-//     need no -inf; the original key index is kept for causal limits and for
-//     the dropout position;
+//     matmul (rows staged, then an 8 x 8 register transpose), V for P @ V, and
+//     K, V^T for the backward. With a key padding mask only the attended keys
+//     are packed ("compacted"), so masked keys cost nothing and need no -inf;
+//     the original key index is kept for causal limits and dropout positions;
 //   * walks the queries in blocks of BM rows. A block's scores against every
 //     key (BM x Lk fp32, ~64 KB) stay in cache, so the softmax is exact (one
 //     max, one exp per element, no online rescaling) and P @ V follows;
@@ -17,11 +18,13 @@
 // All five matmul shapes are one register-blocked kernel C (+)= A B with B a
 // packed row-major panel and A read as scalars (plain or transposed).
 //
-// SIMD: the matmul kernel, the softmax rows and the Philox generator are
-// written once with GCC vector extensions / loops the compiler vectorises and
-// compiled three times through target attributes (AVX-512, AVX2+FMA, generic
-// 16-wide vectors lowered to whatever the baseline ISA has); the variant is
-// picked at run time. Packing and output conversion are plain C++.
+// SIMD: the matmul kernel, the softmax rows, the transpose and the Philox
+// generator are written once with GCC vector extensions (GCC >= 12 or clang:
+// __builtin_shufflevector) and compiled three times through target attributes
+// (AVX-512, AVX2+FMA, generic 16-wide vectors lowered to whatever the baseline
+// ISA has); the variant is picked at run time. Philox has an AVX2 intrinsics
+// version (also used by the AVX-512 variant). Packing and output conversion
+// are plain C++.
 //
 // Dropout: Philox-4x32-10 exactly as turbotune's Triton kernels (tl.philox)
 // and ops/attention.py's _philox4: position n = i * Lk + j of head bh uses

@@ -6,6 +6,7 @@
 
 namespace turbotune {
 
+void bind_attention(pybind11::module_& m);
 void bind_core(pybind11::module_& m);
 void bind_optim(pybind11::module_& m);
 void bind_tokenizer(pybind11::module_& m);

@@ -92,6 +92,11 @@ def batch_norm_act_ref(
     return _activation_ref(z, _act_code(activation))
 
 
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """Statistics are fp32 (fp64 for fp64 inputs, which only the reference handles)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _out_dtype(x: Tensor, residual: Optional[Tensor]) -> torch.dtype:
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
@@ -99,8 +104,8 @@ def _out_dtype(x: Tensor, residual: Optional[Tensor]) -> torch.dtype:
 def _forward_ref(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act):
     """``(y, mean, invstd, new_running_mean, new_running_var)`` through ATen's batch norm
     (bit-identical to ``F.batch_norm``); the running statistics are not mutated."""
-    empty = x.new_empty(0, dtype=torch.float32)
-    new_rm = new_rv = empty
+    sd = _stat_dtype(x)
+    new_rm, new_rv = x.new_empty(0, dtype=sd), x.new_empty(0, dtype=sd)
     if training:
         if running_mean is not None:
             z, mean, invstd, new_rm, new_rv = torch.ops.aten._native_batch_norm_legit_functional(
@@ -109,35 +114,36 @@ def _forward_ref(x, weight, bias, running_mean, running_var, residual, training,
             z, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(x, weight, bias, True, momentum, eps)
     else:
         z = torch.native_batch_norm(x, weight, bias, running_mean, running_var, False, momentum, eps)[0]
-        mean = running_mean.to(torch.float32, copy=True)
-        invstd = torch.rsqrt(running_var.float() + eps)
+        mean = running_mean.to(sd, copy=True)
+        invstd = torch.rsqrt(running_var.to(sd) + eps)
     if residual is not None:
         z = z.add_(residual) if _out_dtype(x, residual) == z.dtype else z + residual
     if act == _RELU:
         z = z.relu_()
     elif act != _NONE:
         z = _activation_ref(z, act)
-    return z, mean.float(), invstd.float(), new_rm, new_rv
+    return z, mean.to(sd), invstd.to(sd), new_rm, new_rv
 
 
 def _preactivation_ref(x, weight, bias, mean, invstd, residual):
     """``z`` recomputed in fp32 from the saved statistics (for SiLU / GELU backward)."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    scale = invstd if weight is None else invstd * weight.float()
-    shift = -mean * scale if bias is None else bias.float() - mean * scale
-    z = x.float() * scale.view(shape) + shift.view(shape)
-    return z + residual.float() if residual is not None else z
+    sd = mean.dtype
+    scale = invstd if weight is None else invstd * weight.to(sd)
+    shift = -mean * scale if bias is None else bias.to(sd) - mean * scale
+    z = x.to(sd) * scale.view(shape) + shift.view(shape)
+    return z + residual.to(sd) if residual is not None else z
 
 
 def _activation_grad_ref(dy, act, y, z):
     if act == _RELU:
         return torch.ops.aten.threshold_backward(dy, y, 0)
     if act == _SILU:
-        return torch.ops.aten.silu_backward(dy.float(), z)
+        return torch.ops.aten.silu_backward(dy.to(z.dtype), z)
     if act == _GELU:
-        return torch.ops.aten.gelu_backward(dy.float(), z)
+        return torch.ops.aten.gelu_backward(dy.to(z.dtype), z)
     if act == _GELU_TANH:
-        return torch.ops.aten.gelu_backward(dy.float(), z, approximate="tanh")
+        return torch.ops.aten.gelu_backward(dy.to(z.dtype), z, approximate="tanh")
     return dy
 
 
@@ -150,10 +156,11 @@ def _backward_ref(dy, x, weight, bias, mean, invstd, y, residual, has_residual, 
     else:
         shape = (1, -1) + (1,) * (x.dim() - 2)
         dims = [0] + list(range(2, x.dim()))
-        scale = invstd if weight is None else invstd * weight.float()
-        dzf = dz.float()
+        sd = mean.dtype
+        scale = invstd if weight is None else invstd * weight.to(sd)
+        dzf = dz.to(sd)
         dx = (dzf * scale.view(shape)).to(x.dtype)
-        dw = (dzf * (x.float() - mean.view(shape)) * invstd.view(shape)).sum(dims) if need_w else None
+        dw = (dzf * (x.to(sd) - mean.view(shape)) * invstd.view(shape)).sum(dims) if need_w else None
         db = dzf.sum(dims) if need_b else None
     w_dtype = weight.dtype if weight is not None else x.dtype
     dw = dw.to(w_dtype) if need_w else None
@@ -481,7 +488,7 @@ def _forward_triton(x, weight, bias, running_mean, running_var, residual, traini
     else:
         mean = running_mean.to(torch.float32, copy=True)
         invstd = torch.rsqrt(running_var.float() + eps)
-        new_rm = new_rv = mean.new_empty(0)
+        new_rm, new_rv = mean.new_empty(0), mean.new_empty(0)
     y = torch.empty_like(x, dtype=_out_dtype(x, residual))
     _bn_act_fwd_kernel[(plan["total"], plan["c_blocks"])](
         x, residual if residual is not None else x, y, weight if weight is not None else mean,
@@ -534,7 +541,9 @@ def _backward_triton(dy, x, weight, bias, mean, invstd, y, residual, has_residua
 
 
 def _use_triton(x: Tensor) -> bool:
-    return x.numel() > 0 and backend.select(OP, x.device, x.dtype).impl == backend.TRITON
+    if x.numel() == 0 or x.dtype == torch.float64:  # fp64: the reference (tests, debugging)
+        return False
+    return backend.select(OP, x.device, x.dtype).impl == backend.TRITON
 
 
 def _batch_norm_act_impl(
@@ -555,14 +564,15 @@ def _batch_norm_act_impl(
 
 def _batch_norm_act_fake(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act):
     c = x.shape[1]
-    stat = x.new_empty((c,), dtype=torch.float32)
+    sd = _stat_dtype(x)
+    stat = x.new_empty((c,), dtype=sd)
     update = training and running_mean is not None
     return (
         torch.empty_like(x, dtype=_out_dtype(x, residual)),
         stat,
         torch.empty_like(stat),
-        torch.empty_like(running_mean) if update else x.new_empty(0, dtype=torch.float32),
-        torch.empty_like(running_var) if update else x.new_empty(0, dtype=torch.float32),
+        torch.empty_like(running_mean) if update else x.new_empty(0, dtype=sd),
+        torch.empty_like(running_var) if update else x.new_empty(0, dtype=sd),
     )
 
 

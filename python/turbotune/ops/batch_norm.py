@@ -656,6 +656,18 @@ def _act_code(activation) -> int:
             from None
 
 
+def _check_tensor(name, t, shape, what, x):
+    if t is None:
+        return
+    if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"batch_norm_act: {name} must have shape {shape} {what}, got {got}")
+    if not t.is_floating_point():
+        raise TypeError(f"batch_norm_act: {name} must be a floating tensor, got dtype {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"batch_norm_act: {name} is on {t.device} but x is on {x.device}")
+
+
 def _check(x, weight, bias, running_mean, running_var, training, momentum, eps, residual):
     if not isinstance(x, Tensor):
         raise TypeError(f"batch_norm_act: x must be a torch.Tensor, got {type(x).__name__}")
@@ -665,27 +677,12 @@ def _check(x, weight, bias, running_mean, running_var, training, momentum, eps, 
         raise ValueError(f"batch_norm_act: x must have shape (N, C, *spatial) with C >= 1, got {tuple(x.shape)}")
     c = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or t.shape != (c,):
-            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"batch_norm_act: {name} must have shape ({c},) (x's channels), got {got}")
-        if not t.is_floating_point():
-            raise TypeError(f"batch_norm_act: {name} must be a floating tensor, got dtype {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"batch_norm_act: {name} is on {t.device} but x is on {x.device}")
+        _check_tensor(name, t, (c,), "(x's channels)", x)
     if (running_mean is None) != (running_var is None):
         raise ValueError("batch_norm_act: pass both running_mean and running_var, or neither")
     if not training and running_mean is None:
         raise ValueError("batch_norm_act: eval mode (training=False) needs running_mean and running_var")
-    if residual is not None:
-        if not isinstance(residual, Tensor) or residual.shape != x.shape:
-            got = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__
-            raise ValueError(f"batch_norm_act: residual must have x's shape {tuple(x.shape)}, got {got}")
-        if not residual.is_floating_point():
-            raise TypeError(f"batch_norm_act: residual must be a floating tensor, got dtype {residual.dtype}")
-        if residual.device != x.device:
-            raise ValueError(f"batch_norm_act: residual is on {residual.device} but x is on {x.device}")
+    _check_tensor("residual", residual, tuple(x.shape), "(x's shape)", x)
     if not (eps > 0.0) or math.isinf(eps):
         raise ValueError(f"batch_norm_act: eps must be a finite number > 0, got {eps}")
     if not (0.0 <= momentum <= 1.0):

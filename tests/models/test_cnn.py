@@ -446,3 +446,22 @@ def test_triton_kernels_in_a_whole_model(triton_backend, device):
     assert_close(l_opt, l_ref, atol=1e-4, rtol=1e-4, name="losses")
     for (name, a), b in zip(opt.state_dict().items(), stock.state_dict().values()):
         assert_close(a.double(), b.double(), atol=1e-4, rtol=1e-3, name=name)
+
+
+# ----------------------------------------------------------------------------- the bench suite
+
+
+def test_bench_suite_cases_and_model_steps():
+    from turbotune.bench import all_suites
+    from turbotune.bench.suites.cnn import model_step
+
+    cases = list(all_suites()["cnn"](True, torch.device("cpu")))
+    with_base = {c.key() for c in cases if c.baseline}
+    assert cases and all(c.key() in with_base for c in cases)
+    assert {c.op for c in cases} >= {"bn_add_relu", "resnet18"}
+    for provider in ("torch channels_last", "turbotune"):
+        for mode in ("train", "infer"):
+            out = model_step("resnet18", provider, mode, torch.float32, torch.device("cpu"), 2, 32)()
+            assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="provider must be one of"):
+        model_step("resnet18", "tvm", "infer", torch.float32, torch.device("cpu"), 2, 32)

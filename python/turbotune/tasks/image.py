@@ -158,7 +158,7 @@ def _atomic_write_json(path: str, obj: dict) -> None:
     tt_data._atomic_write_text(os.path.abspath(path), json.dumps(obj, indent=2) + "\n")
 
 
-def finetune_image(data_dir: Optional[str] = None, epochs: int = 5, batch_size: int = 256, lr: float = 4e-3,
+def finetune_image(data_dir: Optional[str] = None, epochs: int = 7, batch_size: int = 256, lr: float = 4e-3,
                    seed: int = 0, dtype: Optional[torch.dtype] = None, compare_stock: bool = False,
                    progress: bool = True, output: Optional[str] = None, limit: Optional[int] = None,
                    widths: Sequence[int] = (32, 64, 128)) -> dict:
@@ -217,7 +217,7 @@ def finetune_image(data_dir: Optional[str] = None, epochs: int = 5, batch_size: 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m turbotune.tasks.image", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=7)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--seed", type=int, default=0)

@@ -4,12 +4,12 @@ same recipe on stock PyTorch for comparison).
 Python API::
 
     from turbotune.tasks.image import finetune_image
-    metrics = finetune_image(epochs=5, compare_stock=True)
+    metrics = finetune_image(compare_stock=True)          # 7 epochs by default
     metrics["test_accuracy"], metrics["train_seconds"], metrics["stock"]["train_seconds"]
 
 Command line (the ``turbotune finetune --task image`` CLI wraps the same function)::
 
-    python -m turbotune.tasks.image --epochs 5 --compare-stock --output metrics.json
+    python -m turbotune.tasks.image --compare-stock --output metrics.json
 
 The recipe (identical for the turbotune and the stock run): :func:`small_resnet`
 (widths 32-64-128, one basic block per stage, the first stage at 14x14),

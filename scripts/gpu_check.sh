@@ -11,7 +11,8 @@
 #    interpreter), the CUDA C++ kernels run, torch.compile sees the ops;
 # 3. runs `turbotune bench --quick`;
 # 4. writes logs and JSON under OUT_DIR and prints a short table last.
-# Budget: under 8 minutes on one H200 (each step has its own timeout: 100 + 240 + 120 s).
+# 5. checks the CNN goals (benchmarks/bench_cnn.py --goals: paired rounds, bf16).
+# Budget: under 11 minutes on one H200 (each step has its own timeout: 100 + 240 + 120 + 150 s).
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -59,6 +60,12 @@ t0=$(date +%s)
 timeout 150 $PY -c "from turbotune.bench.suites.layer_norm import gpu_report; gpu_report()" > "$OUT/rowops.log" 2>&1
 echo "row ops rc=$? in $(( $(date +%s) - t0 ))s (rowops.log)" | tee -a "$OUT/summary.txt"
 tee -a "$OUT/summary.txt" < "$OUT/rowops.log"
+
+step "CNN goals: fused BN+add+ReLU >= 2x torch; ResNet-18/50 bf16 train step >= 1.2x stock eager"
+t0=$(date +%s)
+timeout 150 $PY benchmarks/bench_cnn.py --goals --rounds 10 > "$OUT/cnn_goals.log" 2>&1
+echo "cnn goals rc=$? in $(( $(date +%s) - t0 ))s (cnn_goals.log)" | tee -a "$OUT/summary.txt"
+grep -E "^GOAL" "$OUT/cnn_goals.log" | tee -a "$OUT/summary.txt"
 
 step "summary: turbotune vs torch (median-time ratio, > 1 = faster)"
 $PY - "$OUT/bench/bench.json" <<'PYEOF' | tee -a "$OUT/summary.txt"

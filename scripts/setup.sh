@@ -14,6 +14,17 @@ PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 export TURBOTUNE_CUDA=${TURBOTUNE_CUDA:-AUTO}
 
+# Fashion-MNIST (Debian's dataset-fashion-mnist: IDX files under /usr/share/datasets/fashion-mnist)
+# for the image fine-tune and its tests; installed where apt is available and we are root,
+# skipped otherwise (non-fatal: those tests are then skipped).
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "setup: apt-get install dataset-fashion-mnist"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } \
+    || echo "setup: could not install dataset-fashion-mnist (the Fashion-MNIST tests will be skipped)"
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($PYTHON --version 2>&1)"
   if [ "$TORCH_SPEC" = skip ]; then

@@ -196,3 +196,119 @@ def split_dataset(items: List, *, test_size: int = 1000, val_size: int = 1000, s
     val = [items[i] for i in order[test_size:test_size + val_size]]
     train = [items[i] for i in order[test_size + val_size:]]
     return {"train": train, "validation": val, "test": test}
+
+
+# ----------------------------------------------------------------------------- images
+#
+# Fashion-MNIST (Xiao, Rasul & Vollgraf, 2017; MIT licence): 60,000 training and
+# 10,000 test 28x28 grayscale images in 10 classes, as the IDX files of Debian's
+# `dataset-fashion-mnist` package (`apt-get install dataset-fashion-mnist`;
+# `dpkg -L dataset-fashion-mnist` lists them). Nothing is downloaded at run time.
+# The 8x8 digits of `sklearn.datasets.load_digits()` ship inside scikit-learn and
+# serve the quick tests.
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_ENV = "TURBOTUNE_FASHION_MNIST"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+_FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Labeled images: ``images`` ``(N, H, W)`` numpy array (uint8 for Fashion-MNIST,
+    float64 in [0, 16] for the digits), ``labels`` ``(N,)`` int64, and the class names."""
+
+    images: "object"
+    labels: "object"
+    classes: tuple
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def read_idx(path: str):
+    """Read one IDX file (optionally gzip-compressed) into a numpy array.
+
+    Raises ``ValueError`` naming the file when the header or the size is wrong.
+    """
+    import gzip
+
+    import numpy as np
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path}: not an IDX file (bad magic number {data[:4].hex()})")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = header + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if len(data) != expected:
+        raise ValueError(f"{path}: IDX header says shape {shape} ({expected} bytes) but the file has {len(data)} bytes")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def fashion_mnist_dir(path: Optional[str] = None) -> str:
+    """The Fashion-MNIST directory: ``path``, else ``$TURBOTUNE_FASHION_MNIST``, else
+    Debian's ``/usr/share/datasets/fashion-mnist``. Raises :class:`DatasetUnavailable`
+    with the install command when the four IDX files are not there."""
+    path = path or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR
+    missing = [name for pair in _FASHION_FILES.values() for name in pair
+               if not any(os.path.isfile(os.path.join(path, name + ext)) for ext in (".gz", ""))]
+    if missing:
+        raise DatasetUnavailable(
+            f"Fashion-MNIST not found in {path} (missing {', '.join(missing)}).\n"
+            f"Install Debian's package:  sudo apt-get install dataset-fashion-mnist\n"
+            f"or point {FASHION_MNIST_ENV} (or path=) at a directory with the four IDX files "
+            "(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
+            "t10k-labels-idx1-ubyte[.gz])")
+    return path
+
+
+def fashion_mnist(split: str = "train", path: Optional[str] = None) -> ImageSet:
+    """Fashion-MNIST ``split`` (``"train"``: 60,000 images, ``"test"``: 10,000).
+
+    Returns:
+        :class:`ImageSet` with ``images`` uint8 ``(N, 28, 28)`` and ``labels`` int64 ``(N,)`` in ``[0, 10)``.
+    """
+    if split not in _FASHION_FILES:
+        raise ValueError(f"fashion_mnist: split must be 'train' or 'test', got {split!r}")
+    root = fashion_mnist_dir(path)
+
+    def find(name):
+        for ext in (".gz", ""):
+            if os.path.isfile(os.path.join(root, name + ext)):
+                return os.path.join(root, name + ext)
+        raise DatasetUnavailable(f"{name} disappeared from {root}")  # pragma: no cover
+
+    img_file, lbl_file = (find(n) for n in _FASHION_FILES[split])
+    images, labels = read_idx(img_file), read_idx(lbl_file)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"fashion_mnist: {img_file} has shape {images.shape} but {lbl_file} has {labels.shape}")
+    return ImageSet(images, labels.astype("int64"), FASHION_MNIST_CLASSES)
+
+
+def digits() -> ImageSet:
+    """The 1,797 8x8 handwritten digits of ``sklearn.datasets.load_digits()`` (offline).
+
+    Returns:
+        :class:`ImageSet` with ``images`` float64 ``(1797, 8, 8)`` in ``[0, 16]`` and
+        ``labels`` int64 ``(1797,)`` in ``[0, 10)``.
+
+    Raises:
+        DatasetUnavailable: scikit-learn is not installed (``pip install scikit-learn``).
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DatasetUnavailable("the digits data set ships with scikit-learn: pip install scikit-learn "
+                                 "(or pip install 'turbotune[test]')") from None
+    d = load_digits()
+    return ImageSet(d.images, d.target.astype("int64"), tuple(str(i) for i in range(10)))

@@ -14,3 +14,5 @@ from .dispatch import OptimizeHandle, optimize, register_path, registered_paths
 
 __all__ = ["optimize", "OptimizeHandle", "register_path", "registered_paths", "register_hf_attention",
            "hf_attention_registered"]
+
+from . import cnn  # noqa: E402,F401  registers the "cnn" path of optimize()

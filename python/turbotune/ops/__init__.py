@@ -2,6 +2,7 @@
 its Triton kernels, its launcher and its ``torch.library`` registration
 (namespace ``turbotune``)."""
 from .attention import attention, attention_dropout_mask, attention_ref, attention_varlen, attention_varlen_ref
+from .batch_norm import batch_norm_act, batch_norm_act_ref
 from .layer_norm import layer_norm, layer_norm_ref
 
 __all__ = [
@@ -10,6 +11,8 @@ __all__ = [
     "attention_ref",
     "attention_varlen",
     "attention_varlen_ref",
+    "batch_norm_act",
+    "batch_norm_act_ref",
     "layer_norm",
     "layer_norm_ref",
 ]

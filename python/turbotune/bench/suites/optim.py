@@ -17,6 +17,13 @@ and for bf16+fp32-master), so ``gb_per_s`` is the achieved bandwidth; the
 ``copy (28 B/param floor)`` case moves the same bytes with a plain copy, so
 turbotune's ``gb_per_s`` over the copy's is the fraction of the bandwidth
 floor reached (the GPU goal is >= 85%).
+
+Mode ``clip+step`` (fp32): gradient clipping by global norm followed by the
+step, as a training loop does. Baseline: ``torch.nn.utils.clip_grad_norm_`` +
+``torch.optim.AdamW(fused=True).step()`` (40 B/param: norm read 4, scaling
+read + write 8, step 28); turbotune ``AdamW(max_grad_norm=...)`` folds the
+coefficient into the update (32 B/param); ``turbotune clip_grad_norm_ + step``
+is the unfused turbotune pair (40 B/param).
 :func:`memory_table` gives params + grads + optimizer-state bytes per param.
 """
 from __future__ import annotations
@@ -91,6 +98,58 @@ def _lazy_step(make: Callable[[], torch.optim.Optimizer]) -> Callable[[], None]:
     return fn
 
 
+def _lazy_call(make: Callable[[], Callable[[], None]]) -> Callable[[], None]:
+    """Like :func:`_lazy_step` for a step function built by ``make()`` (one alive at a time)."""
+    holder = {}
+
+    def fn():
+        step = holder.get("step")
+        if step is None:
+            if _Slot.current is not None:
+                _Slot.current.clear()
+                gc.collect()
+            step = make()
+            holder["step"] = step
+            _Slot.current = holder
+        step()
+
+    return fn
+
+
+CLIP_NORM = 1.0  # below the global norm of the bench gradients (~4.8 MiniLM, ~10.5 BERT-base): clipping is active
+
+
+def clip_step_providers(quick: bool):
+    """``(name, baseline, bytes per param, make(params) -> step function)`` of the ``clip+step`` mode."""
+    from turbotune.optim import AdamW, clip_grad_norm_
+
+    def torch_pair(ps):
+        opt = torch.optim.AdamW(ps, lr=1e-4, fused=True)
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(ps, CLIP_NORM)
+            opt.step()
+
+        return step
+
+    def turbotune_pair(ps):
+        opt = AdamW(ps, lr=1e-4)
+
+        def step():
+            clip_grad_norm_(ps, CLIP_NORM)
+            opt.step()
+
+        return step
+
+    out = [
+        ("torch clip_grad_norm_ + fused", True, 40, torch_pair),
+        ("turbotune max_grad_norm", False, 32, lambda ps: AdamW(ps, lr=1e-4, max_grad_norm=CLIP_NORM).step),
+    ]
+    if not quick:
+        out.append(("turbotune clip_grad_norm_ + step", False, 40, turbotune_pair))
+    return out
+
+
 def _lazy_copy(n: int, device: torch.device) -> Callable[[], None]:
     holder = {}
 
@@ -160,6 +219,18 @@ def optim_suite(quick: bool, device: torch.device) -> Iterable[Case]:
                     work={"bytes": float(traffic)},
                 )
             if dtype_name == "fp32":
+                for name, baseline, bpp, make in clip_step_providers(quick):
+                    yield Case(
+                        op="adamw_step",
+                        provider=name,
+                        mode="clip+step",
+                        shape=f"{model} ({n / 1e6:.1f}M params, {len(shapes)} tensors)",
+                        dtype=dtype_name,
+                        device=str(device.type),
+                        fn=_lazy_call(lambda make=make, params=params: make(params())),
+                        baseline=baseline,
+                        work={"bytes": float(bpp * n)},
+                    )
                 # bandwidth floor: a plain copy moving the same 28 B/param (read 14, write 14)
                 yield Case(
                     op="adamw_step",

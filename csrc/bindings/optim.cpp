@@ -88,12 +88,13 @@ std::vector<void*> tensor_list(const Ptrs& ptrs, const std::vector<int64_t>& num
 
 void adamw_cpu(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avg, const Ptrs& exp_avg_sq,
                const Ptrs& max_exp_avg_sq, const Ptrs& master, const std::vector<int64_t>& numel,
-               const std::vector<double>& step, int param_dtype, int state_dtype, double lr, double beta1,
+               const Ptrs& step, int param_dtype, int state_dtype, double lr, double beta1,
                double beta2, double eps, double weight_decay, bool amsgrad, bool maximize, double grad_unscale,
                double grad_multiplier, bool write_grad, bool stochastic_rounding, uint64_t seed) {
   const size_t n = params.size();
   auto l = adamw_lists(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, master, numel, amsgrad);
-  if (step.size() != n) throw std::invalid_argument("step: expected " + std::to_string(n) + " entries");
+  std::vector<float*> steps;
+  for (void* s : to_ptrs(step, n, "step", nullptr)) steps.push_back(static_cast<float*>(s));
   cpu::AdamWTensorList t;
   t.n = static_cast<int64_t>(n);
   t.params = l.params.data();
@@ -103,7 +104,7 @@ void adamw_cpu(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avg, const
   t.max_exp_avg_sq = amsgrad ? l.max_exp_avg_sq.data() : nullptr;
   t.master = l.master.empty() ? nullptr : l.master.data();
   t.numel = numel.data();
-  t.step = step.data();
+  t.step = steps.data();
   cpu::AdamWHyper h;
   h.lr = lr;
   h.beta1 = beta1;
@@ -237,7 +238,8 @@ void bind_optim(py::module_& m) {
         py::arg("state_dtype"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("grad_unscale"),
         py::arg("grad_multiplier"), py::arg("write_grad"), py::arg("stochastic_rounding"), py::arg("seed"),
-        "One fused AdamW step over CPU tensors given as data pointers (see turbotune.optim). Each grad is\n"
+        "One fused AdamW step over CPU tensors given as data pointers (see turbotune.optim); step: pointers\n"
+        "to the fp32 step counters, incremented by the call. Each grad is\n"
         "multiplied by grad_unscale (stored back when write_grad) and then by grad_multiplier (clip coefficient).");
   m.def("sum_squares_cpu", &sum_squares_cpu, py::arg("tensors"), py::arg("numel"), py::arg("dtype"),
         "Sum of squares of all elements of the tensors (fp64 result).");

@@ -342,9 +342,11 @@ void adamw_step(const AdamWTensorList& t, DType param_dtype, DType state_dtype, 
 
   // Per-tensor coefficients, computed in double exactly as torch does in Python.
   std::vector<Coef> coef(static_cast<size_t>(t.n));
+  std::vector<float> new_step(static_cast<size_t>(t.n));
   for (int64_t i = 0; i < t.n; ++i) {
-    const double step = t.step[i];
-    if (!(step >= 1.0)) throw std::invalid_argument("step must be >= 1 for tensor " + std::to_string(i));
+    new_step[i] = *t.step[i] + 1.0f;  // fp32 increment, as torch's _foreach_add_(state_steps, 1)
+    const double step = new_step[i];
+    if (!(step >= 1.0)) throw std::invalid_argument("step must be >= 0 before the update for tensor " + std::to_string(i));
     const double bc1 = 1.0 - std::pow(h.beta1, step);
     const double bc2 = 1.0 - std::pow(h.beta2, step);
     Coef& c = coef[i];
@@ -361,6 +363,7 @@ void adamw_step(const AdamWTensorList& t, DType param_dtype, DType state_dtype, 
   }
   int64_t total = 0;
   std::vector<Chunk> chunks = make_chunks(t.n, t.numel, &total);
+  for (int64_t i = 0; i < t.n; ++i) *t.step[i] = new_step[i];
   parallel_chunks(chunks, total, [&](const Chunk& ch) {
     const int64_t i = ch.tensor;
     Slice s{t.params[i],
@@ -378,15 +381,27 @@ void adamw_step(const AdamWTensorList& t, DType param_dtype, DType state_dtype, 
 
 namespace {
 
+// 32 independent fp32 accumulators (four AVX2 / two AVX-512 registers), so the loop
+// runs at memory speed instead of waiting on one add chain; summed pairwise in a
+// fixed order, so the result is the same for every SIMD variant and thread count.
 template <typename D>
 TT_INLINE float sumsq_body(const typename D::T* __restrict x, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) {
-    const float f = D::load(x[i]);
-    acc += f * f;
+  constexpr int kLanes = 32;
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float f = D::load(x[i + j]);
+      acc[j] += f * f;
+    }
   }
-  return acc;
+  for (int j = 0; i < n; ++i, ++j) {
+    const float f = D::load(x[i]);
+    acc[j] += f * f;
+  }
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0];
 }
 
 template <typename D>

@@ -77,7 +77,7 @@ struct AdamWTensorList {
   void* const* max_exp_avg_sq = nullptr;  // state dtype, or null
   float* const* master = nullptr;       // fp32, or null
   const int64_t* numel = nullptr;
-  const double* step = nullptr;         // step count after this update (>= 1), per tensor
+  float* const* step = nullptr;         // fp32 step counters (torch's state["step"]), incremented here
 };
 
 struct AdamWHyper {
@@ -101,9 +101,11 @@ struct AdamWHyper {
   uint64_t seed = 0;
 };
 
-// Applies one AdamW step to every tensor of the list; tensors with numel 0 are
-// skipped (their pointers may be null). Throws std::invalid_argument on an
-// unsupported dtype combination.
+// Applies one AdamW step to every tensor of the list: adds 1 to each step
+// counter (fp32, as torch) and updates with the new count; tensors with numel 0
+// are skipped (their pointers may be null; their counters still advance).
+// Throws std::invalid_argument on an unsupported dtype combination or a
+// negative counter, before anything is written.
 void adamw_step(const AdamWTensorList& t, DType param_dtype, DType state_dtype, const AdamWHyper& h);
 
 // Sum of squares of all elements of n tensors of one dtype, accumulated in fp64

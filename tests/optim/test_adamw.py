@@ -656,3 +656,29 @@ def test_stochastic_rounding_bits_are_the_shared_definition(monkeypatch):
     up = sum(int((p.float() > v).sum()) for p, v in zip(ps, new))
     down = sum(int((p.float() < v).sum()) for p, v in zip(ps, new))
     assert up > 100 and down > 100  # really stochastic: both directions occur
+
+
+@needs_native
+def test_state_and_storage_changes_between_steps_are_picked_up():
+    """The per-param preparation is cached between steps (pointers, checks); replacing the param's storage
+    (p.data = ...), a state tensor, or the step count must still be seen by the next step."""
+    torch.manual_seed(6)
+    init = torch.randn(40, 9)
+    a, b = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    oa = AdamW([a], lr=1e-2, amsgrad=True)
+    ob = torch.optim.AdamW([b], lr=1e-2, amsgrad=True, foreach=False)
+    for it in range(6):
+        g = torch.randn(40, 9)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+        if it == 1:
+            a.data = a.data.clone()  # new storage, same values
+        if it == 2:
+            oa.state[a]["exp_avg"] = oa.state[a]["exp_avg"].clone()
+            oa.state[a]["max_exp_avg_sq"] = oa.state[a]["max_exp_avg_sq"].clone()
+        if it == 3:
+            oa.state[a]["step"] = 10  # a plain number, as some checkpoints hold
+            ob.state[b]["step"] = torch.tensor(10.0)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert float(oa.state[a]["step"]) == float(ob.state[b]["step"]) == 12

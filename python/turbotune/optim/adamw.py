@@ -185,22 +185,28 @@ def _count_steps(steps: List[Tensor], found_inf: Optional[Tensor]) -> None:
         torch._foreach_sub_(steps, [skipped] * len(steps))
 
 
-def _kernel_pointers(params, states, amsgrad: bool, master: bool):
+def _kernel_pointers(params, ptrs, amsgrad: bool, master: bool):
     """The per-tensor lists the native kernels take: pointers to params, grads (in
     the param's dtype, contiguous), exp_avg, exp_avg_sq, max_exp_avg_sq (or []),
-    master copies (or []), and the element counts. Returns ``(grads, lists)``:
-    the caller keeps ``grads`` alive until the kernel has read them (a dtype
-    conversion or ``contiguous()`` may have made temporaries; a kernel that
-    writes the grads back leaves its result there)."""
-    grads = [(p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype)).contiguous() for p in params]
+    master copies (or []), and the element counts; ``ptrs`` are the entries
+    :meth:`AdamW._prepare_state` returned. Returns ``(grads, lists)``: the caller
+    keeps ``grads`` alive until the kernel has read them (a dtype conversion or
+    ``contiguous()`` may have made temporaries; a kernel that writes the grads
+    back leaves its result there)."""
+    grads = []
+    for p in params:
+        g = p.grad
+        if g.dtype != p.dtype:
+            g = g.to(p.dtype)
+        grads.append(g if g.is_contiguous() else g.contiguous())
     return grads, (
-        [p.data_ptr() for p in params],
+        [e[0] for e in ptrs],
         [g.data_ptr() for g in grads],
-        [s["exp_avg"].data_ptr() for s in states],
-        [s["exp_avg_sq"].data_ptr() for s in states],
-        [s["max_exp_avg_sq"].data_ptr() for s in states] if amsgrad else [],
-        [s[_MASTER].data_ptr() for s in states] if master else [],
-        [p.numel() for p in params],
+        [e[1] for e in ptrs],
+        [e[2] for e in ptrs],
+        [e[3] for e in ptrs] if amsgrad else [],
+        [e[4] for e in ptrs] if master else [],
+        [e[6] for e in ptrs],
     )
 
 
@@ -422,15 +428,20 @@ class AdamW(torch.optim.Optimizer):
                 return i
         return -1
 
-    def _prepare_state(self, p: Tensor, group: Dict[str, Any], native_cuda: bool) -> Dict[str, Any]:
-        """The state of ``p``, created, checked and converted on first use; cheap afterwards."""
+    def _prepare_state(self, p: Tensor, group: Dict[str, Any], native_cuda: bool) -> Tuple[int, ...]:
+        """Create, check and convert the state of ``p`` on first use (cheap afterwards: identity checks).
+
+        Returns the data pointers ``(param, exp_avg, exp_avg_sq, max_exp_avg_sq or 0, master or 0, step,
+        numel)``, valid until the state or the param's storage changes (then the next call re-checks).
+        """
         st = self.state[p]
         sdt = group["state_dtype"]
         master = _uses_master(group, p)
-        config = (sdt, master, bool(group["amsgrad"]), native_cuda)
+        config = (sdt, master, bool(group["amsgrad"]), native_cuda, p.device, p.dtype, p.shape)
         ready = self._ready.get(id(p))
-        if ready is not None and ready[0] is p and ready[1] == config and all(st.get(k) is t for k, t in ready[2]):
-            return st
+        if (ready is not None and ready[0] is p and ready[1] == config and ready[3][0] == p.data_ptr()
+                and all(st.get(k) is t for k, t in ready[2])):
+            return ready[3]
 
         if len(st) == 0 or "exp_avg" not in st:
             st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if native_cuda else "cpu")
@@ -462,12 +473,22 @@ class AdamW(torch.optim.Optimizer):
         if not isinstance(step, Tensor):
             st["step"] = torch.tensor(float(step or 0), dtype=torch.float32)
         want = p.device if native_cuda else torch.device("cpu")
-        if st["step"].device != want or st["step"].dtype != torch.float32 or st["step"].dim() != 0:
-            st["step"] = st["step"].to(device=want, dtype=torch.float32).reshape(())
+        step = st["step"]
+        if step.device != want or step.dtype != torch.float32 or step.dim() != 0 or not step.is_contiguous():
+            st["step"] = step.to(device=want, dtype=torch.float32).reshape(()).clone()
         keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()) + (
             (_MASTER,) if master else ())
-        self._ready[id(p)] = (p, config, tuple((k, st[k]) for k in keys))
-        return st
+        ptrs = (
+            p.data_ptr(),
+            st["exp_avg"].data_ptr(),
+            st["exp_avg_sq"].data_ptr(),
+            st["max_exp_avg_sq"].data_ptr() if group["amsgrad"] else 0,
+            st[_MASTER].data_ptr() if master else 0,
+            st["step"].data_ptr(),
+            p.numel(),
+        )
+        self._ready[id(p)] = (p, config, tuple((k, st[k]) for k in keys), ptrs)
+        return ptrs
 
     # ------------------------------------------------------------------ step
 
@@ -502,8 +523,8 @@ class AdamW(torch.optim.Optimizer):
                 buckets[(impl, p.device, p.dtype, _uses_master(group, p))].append(p)
             for (impl, device, dtype, master), params in buckets.items():
                 on_cuda = impl == "native" and device.type == "cuda"
-                states = [self._prepare_state(p, group, on_cuda) for p in params]
-                plan.append((group, on_cuda, impl, device, dtype, master, params, states))
+                ptrs = [self._prepare_state(p, group, on_cuda) for p in params]
+                plan.append((group, on_cuda, impl, device, dtype, master, params, ptrs))
 
         coefs = None
         if self._max_grad_norm is not None:
@@ -511,10 +532,10 @@ class AdamW(torch.optim.Optimizer):
             self.last_grad_norm, coefs = global_grad_norm(grads, self._max_grad_norm, grad_scale)
 
         host_found_inf: Optional[bool] = None  # read once, lazily, for CPU / reference groups
-        for group, on_cuda, impl, device, dtype, master, params, states in plan:
+        for group, on_cuda, impl, device, dtype, master, params, ptrs in plan:
             coef = None if coefs is None else coefs[device]
             if on_cuda:
-                self._step_cuda(group, params, states, dtype, master, grad_scale, found_inf, coef)
+                self._step_cuda(group, params, ptrs, dtype, master, grad_scale, found_inf, coef)
                 continue
             if host_found_inf is None:
                 host_found_inf = bool(found_inf is not None and float(found_inf) != 0.0)
@@ -522,10 +543,11 @@ class AdamW(torch.optim.Optimizer):
                 continue  # GradScaler found inf/NaN: skip the update, the step count and the grad write-back
             unscale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
             coef = 1.0 if coef is None else float(coef)
-            _count_steps([s["step"] for s in states], None)
-            if impl == "native":
-                self._step_cpu(group, params, states, dtype, master, unscale, coef, grad_scale is not None)
+            if impl == "native":  # the kernel advances the step counters
+                self._step_cpu(group, params, ptrs, dtype, master, unscale, coef, grad_scale is not None)
             else:
+                states = [self.state[p] for p in params]
+                _count_steps([s["step"] for s in states], None)
                 self._step_reference(group, params, states, master, unscale, coef, grad_scale is not None)
         return loss
 
@@ -563,13 +585,13 @@ class AdamW(torch.optim.Optimizer):
                 grad_multiplier=multiplier, stochastic_rounding=sr and not master, **h,
             )
 
-    def _step_cpu(self, group, params, states, dtype, master, unscale, coef, write_grad):
+    def _step_cpu(self, group, params, ptrs, dtype, master, unscale, coef, write_grad):
         C = _native.require("turbotune.optim.AdamW (CPU kernel)")
         h = self._hyper(group)
-        grads, pointers = _kernel_pointers(params, states, h["amsgrad"], master)  # grads stay alive for the call
+        grads, pointers = _kernel_pointers(params, ptrs, h["amsgrad"], master)  # grads stay alive for the call
         C.adamw_cpu(
             *pointers,
-            [float(s["step"]) for s in states],
+            [e[5] for e in ptrs],
             DTYPE_CODE[dtype],
             DTYPE_CODE[group["state_dtype"]],
             h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"], h["amsgrad"], h["maximize"],
@@ -580,11 +602,11 @@ class AdamW(torch.optim.Optimizer):
         if write_grad:
             _unscale_other_grads(params, grads, unscale)
 
-    def _step_cuda(self, group, params, states, dtype, master, grad_scale, found_inf, coef):
+    def _step_cuda(self, group, params, ptrs, dtype, master, grad_scale, found_inf, coef):
         C = _native.require_cuda("turbotune.optim.AdamW (CUDA kernel)")
         device = params[0].device
         h = self._hyper(group)
-        steps = [s["step"] for s in states]
+        steps = [self.state[p]["step"] for p in params]
         inf_ptr = 0
         if found_inf is not None:
             found_inf = found_inf.to(device=device, dtype=torch.float32, non_blocking=True)
@@ -599,12 +621,12 @@ class AdamW(torch.optim.Optimizer):
             if not isinstance(coef, Tensor):
                 coef = torch.tensor([float(coef)], dtype=torch.float32, device=device)
             coef_ptr = coef.data_ptr()
-        grads, pointers = _kernel_pointers(params, states, h["amsgrad"], master)  # grads stay alive for the call
+        grads, pointers = _kernel_pointers(params, ptrs, h["amsgrad"], master)  # grads stay alive for the call
         with torch.cuda.device(device):
             stream = torch.cuda.current_stream(device).cuda_stream
             C.adamw_cuda(
                 *pointers,
-                [s.data_ptr() for s in steps],
+                [e[5] for e in ptrs],
                 DTYPE_CODE[dtype],
                 DTYPE_CODE[group["state_dtype"]],
                 h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"], h["amsgrad"], h["maximize"],

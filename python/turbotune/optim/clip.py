@@ -66,10 +66,12 @@ def clip_grad_norm_ref(grads: List[Tensor], max_norm: float) -> Tensor:
 
 
 def _native_ok(grads: List[Tensor], device: torch.device) -> bool:
-    return all(
-        g.dtype in DTYPE_CODE and g.layout == torch.strided and g.is_contiguous() and g.device == device
-        for g in grads
-    ) and {backend.select(OP, device, g.dtype).impl for g in grads} == {backend.NATIVE}
+    dtypes = set()
+    for g in grads:
+        if g.layout != torch.strided or g.device != device or not g.is_contiguous():
+            return False
+        dtypes.add(g.dtype)
+    return all(d in DTYPE_CODE and backend.select(OP, device, d).impl == backend.NATIVE for d in dtypes)
 
 
 def _by_dtype(grads: List[Tensor]) -> Dict[torch.dtype, List[Tensor]]:

@@ -137,23 +137,31 @@ def paired_clip(model: str, reps: int) -> str:
             f"| {32 * n / a0 / 1e6:.1f} / {40 * n / b0 / 1e6:.1f} | {worst:.1e} ({ok}) | {err_tt:.1e} / {err_torch:.1e} |")
 
 
+PAIRED = {
+    "--paired": (
+        paired, [("minilm-22M", 30), ("bert-base-110M", 15)],
+        "| mix | turbotune fp32 min / median ms | torch fused fp32 min / median ms | speed-up min / median "
+        "| turbotune bf16+master min / median ms | bf16+master / fp32 time, min / median "
+        "| copy of 28 B/param min / median ms | GB/s at min: turbotune / torch / copy |",
+    ),
+    "--paired-clip": (
+        paired_clip, [("minilm-22M", 30), ("bert-base-110M", 20)],
+        "| mix | turbotune max_grad_norm min / median ms | torch clip_grad_norm_ + fused min / median ms "
+        "| speed-up min / median | GB/s at min (32 / 40 B/param) | weights max rel diff after the run "
+        "(<= 1e-5) | norm rel err vs fp64: turbotune / torch |",
+    ),
+}
+
 if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("TURBOTUNE_BENCH_THREADS", torch.get_num_threads())))
-    if "--paired" in sys.argv:
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-        print("| mix | turbotune fp32 min / median ms | torch fused fp32 min / median ms | speed-up min / median "
-              "| turbotune bf16+master min / median ms | bf16+master / fp32 time, min / median "
-              "| copy of 28 B/param min / median ms | GB/s at min: turbotune / torch / copy |")
-        print("|---|---|---|---|---|---|---|---|")
-        print(paired("minilm-22M", 30), flush=True)
-        print(paired("bert-base-110M", 15), flush=True)
-    elif "--paired-clip" in sys.argv:
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-        print("| mix | turbotune max_grad_norm min / median ms | torch clip_grad_norm_ + fused min / median ms "
-              "| speed-up min / median | GB/s at min (32 / 40 B/param) | weights max rel diff after the run "
-              "(<= 1e-5) | norm rel err vs fp64: turbotune / torch |")
-        print("|---|---|---|---|---|---|---|")
-        print(paired_clip("minilm-22M", 30), flush=True)
-        print(paired_clip("bert-base-110M", 20), flush=True)
-    else:
+    modes = [m for m in PAIRED if m in sys.argv]
+    if not modes:
         main("--full" in sys.argv)
+    for mode in modes:
+        fn, runs, header = PAIRED[mode]
+        print(f"{mode}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"load average {os.getloadavg()[0]:.1f}")
+        print(header)
+        print("|---" * (header.count("|") - 1) + "|")
+        for model, reps in runs:
+            print(fn(model, reps), flush=True)

@@ -81,25 +81,9 @@ def _params(shapes, dtype, device, seed=0):
     return ps
 
 
-def _lazy_step(make: Callable[[], torch.optim.Optimizer]) -> Callable[[], None]:
-    holder = {}
-
-    def fn():
-        opt = holder.get("opt")
-        if opt is None:
-            if _Slot.current is not None:
-                _Slot.current.clear()
-                gc.collect()
-            opt = make()
-            holder["opt"] = opt
-            _Slot.current = holder
-        opt.step()
-
-    return fn
-
-
-def _lazy_call(make: Callable[[], Callable[[], None]]) -> Callable[[], None]:
-    """Like :func:`_lazy_step` for a step function built by ``make()`` (one alive at a time)."""
+def _lazy_call(make: Callable[[], Callable[[], object]]) -> Callable[[], None]:
+    """A case function that builds its step function (optimizer, state, buffers) on first call, freeing
+    the previous case's first: only one is alive at a time."""
     holder = {}
 
     def fn():
@@ -114,6 +98,10 @@ def _lazy_call(make: Callable[[], Callable[[], None]]) -> Callable[[], None]:
         step()
 
     return fn
+
+
+def _lazy_step(make: Callable[[], torch.optim.Optimizer]) -> Callable[[], None]:
+    return _lazy_call(lambda: make().step)
 
 
 CLIP_NORM = 1.0  # below the global norm of the bench gradients (~4.8 MiniLM, ~10.5 BERT-base): clipping is active
@@ -151,21 +139,12 @@ def clip_step_providers(quick: bool):
 
 
 def _lazy_copy(n: int, device: torch.device) -> Callable[[], None]:
-    holder = {}
+    def make():
+        k = 7 * n // 2  # fp32 elements in 14 B/param
+        src, dst = torch.ones(k, device=device), torch.empty(k, device=device)
+        return lambda: dst.copy_(src)
 
-    def fn():
-        bufs = holder.get("bufs")
-        if bufs is None:
-            if _Slot.current is not None:
-                _Slot.current.clear()
-                gc.collect()
-            k = 7 * n // 2  # fp32 elements in 14 B/param
-            bufs = (torch.ones(k, device=device), torch.empty(k, device=device))
-            holder["bufs"] = bufs
-            _Slot.current = holder
-        bufs[1].copy_(bufs[0])
-
-    return fn
+    return _lazy_call(make)
 
 
 def _providers(dtype: str, quick: bool):
@@ -201,48 +180,25 @@ def optim_suite(quick: bool, device: torch.device) -> Iterable[Case]:
                     shared["ps"] = _params(shapes, dtype, device)
                 return shared["ps"]
 
+            def case(provider, mode, fn, baseline, traffic, dtype_name=dtype_name, shapes=shapes, n=n):
+                return Case(op="adamw_step", provider=provider, mode=mode,
+                            shape=f"{model} ({n / 1e6:.1f}M params, {len(shapes)} tensors)", dtype=dtype_name,
+                            device=str(device.type), fn=fn, baseline=baseline, work={"bytes": float(traffic)})
+
             for name, baseline, make in _providers(dtype_name, quick):
                 traffic = 28 * n
                 if name == "torch-fused(no master)":
                     traffic = (2 * 2 + 2 + 2 * 2 * 2) * n  # bf16: p r/w, g r, m and v r/w
                 elif name == "turbotune(bf16 state)":
                     traffic = (2 + 2 + 4 * 2 + 2 * 2 * 2) * n  # p w, g r, master r/w, bf16 m and v r/w
-                yield Case(
-                    op="adamw_step",
-                    provider=name,
-                    mode="step",
-                    shape=f"{model} ({n / 1e6:.1f}M params, {len(shapes)} tensors)",
-                    dtype=dtype_name,
-                    device=str(device.type),
-                    fn=_lazy_step(lambda make=make, params=params: make(params())),
-                    baseline=baseline,
-                    work={"bytes": float(traffic)},
-                )
+                yield case(name, "step", _lazy_step(lambda make=make, params=params: make(params())), baseline,
+                           traffic)
             if dtype_name == "fp32":
                 for name, baseline, bpp, make in clip_step_providers(quick):
-                    yield Case(
-                        op="adamw_step",
-                        provider=name,
-                        mode="clip+step",
-                        shape=f"{model} ({n / 1e6:.1f}M params, {len(shapes)} tensors)",
-                        dtype=dtype_name,
-                        device=str(device.type),
-                        fn=_lazy_call(lambda make=make, params=params: make(params())),
-                        baseline=baseline,
-                        work={"bytes": float(bpp * n)},
-                    )
+                    yield case(name, "clip+step", _lazy_call(lambda make=make, params=params: make(params())),
+                               baseline, bpp * n)
                 # bandwidth floor: a plain copy moving the same 28 B/param (read 14, write 14)
-                yield Case(
-                    op="adamw_step",
-                    provider="copy (28 B/param floor)",
-                    mode="step",
-                    shape=f"{model} ({n / 1e6:.1f}M params, {len(shapes)} tensors)",
-                    dtype=dtype_name,
-                    device=str(device.type),
-                    fn=_lazy_copy(n, device),
-                    baseline=False,
-                    work={"bytes": float(28 * n)},
-                )
+                yield case("copy (28 B/param floor)", "step", _lazy_copy(n, device), False, 28 * n)
 
 
 def memory_table(n_params: int = 1000) -> List[dict]:

@@ -10,6 +10,8 @@ Run as a script to print the Markdown tables recorded in benchmarks/RESULTS.md:
                                                   # a copy of 28 B/param, interleaved: all see the same load
     python benchmarks/bench_optim.py --paired-clip  # AdamW(max_grad_norm) vs torch clip_grad_norm_ + fused
                                                     # step, interleaved, 20+ steps, weights compared at the end
+    python benchmarks/bench_optim.py --paired-schedule  # plain fp32 step: the kernel's balanced work split
+                                                        # vs the old equal-chunk-count split vs torch vs copy
 
 TURBOTUNE_BENCH_THREADS=n pins torch.set_num_threads (the native kernels use OpenMP's own count:
 set OMP_NUM_THREADS=n too to pin both).
@@ -53,10 +55,10 @@ def main(full: bool) -> None:
         print(f"| {m['config']} | {m['params_grads']:g} | {m['state']:g} | {m['total']:g} |")
 
 
-def _interleave(fns, reps, before=None):
+def _interleave(fns, reps, before=None, keep_order=False):
     """Time each function of ``fns`` once per round, rounds repeated ``reps`` times; the order rotates every
     round so that none always runs first (the machine may be shared). ``before(name)`` runs untimed before
-    each call. Returns ``{name: sorted times in ms}``."""
+    each call. Returns ``{name: times in ms}``, sorted unless ``keep_order`` (then round by round)."""
     import time
 
     names = list(fns)
@@ -68,7 +70,7 @@ def _interleave(fns, reps, before=None):
             s = time.perf_counter()
             fns[k]()
             times[k].append((time.perf_counter() - s) * 1e3)
-    return {k: sorted(v) for k, v in times.items()}
+    return times if keep_order else {k: sorted(v) for k, v in times.items()}
 
 
 def _min_med(t):
@@ -137,6 +139,45 @@ def paired_clip(model: str, reps: int) -> str:
             f"| {32 * n / a0 / 1e6:.1f} / {40 * n / b0 / 1e6:.1f} | {worst:.1e} ({ok}) | {err_tt:.1e} / {err_torch:.1e} |")
 
 
+def paired_schedule(model: str, reps: int) -> str:
+    """One Markdown row: the plain fp32 step with the CPU kernel's two work splits (balanced bytes per
+    thread, the default; ``TURBOTUNE_CPU_SCHEDULE=chunks``, equal chunk counts as before issue 8) against
+    torch's fused AdamW and a 28 B/param copy, interleaved; per-round ratios are torch time / turbotune
+    time within the same round (both saw the same load)."""
+    from turbotune.bench.suites.optim import MODELS, _params, numel
+    from turbotune.optim import AdamW
+
+    ps = _params(MODELS[model], torch.float32, torch.device("cpu"))
+    n = numel(MODELS[model])
+    ours, theirs = AdamW(ps, lr=1e-4), torch.optim.AdamW(ps, lr=1e-4, fused=True)
+    src, dst = torch.ones(7 * n // 2), torch.empty(7 * n // 2)
+
+    def with_schedule(value):
+        def fn():
+            os.environ["TURBOTUNE_CPU_SCHEDULE"] = value
+            ours.step()
+        return fn
+
+    fns = {"balanced": with_schedule("balanced"), "chunks": with_schedule("chunks"), "torch": theirs.step,
+           "copy": lambda: dst.copy_(src)}
+    for f in fns.values():
+        f()
+        f()
+    rounds = _interleave(fns, reps, keep_order=True)
+    os.environ.pop("TURBOTUNE_CPU_SCHEDULE", None)
+    del ours, theirs, ps, src, dst
+    gc.collect()
+    t = {k: sorted(v) for k, v in rounds.items()}
+
+    def ratio(k):
+        r = sorted(a / b for a, b in zip(rounds["torch"], rounds[k]))
+        return f"{r[len(r) // 2]:.3f} ({r[len(r) // 4]:.3f}-{r[3 * len(r) // 4]:.3f})"
+
+    cells = [f"{_min_med(t[k])[0]:.1f} / {_min_med(t[k])[1]:.1f}" for k in ("balanced", "chunks", "torch", "copy")]
+    gbs = " / ".join(f"{28 * n / t[k][0] / 1e6:.1f}" for k in ("balanced", "chunks", "torch", "copy"))
+    return f"| {model} | " + " | ".join(cells) + f" | {ratio('balanced')} | {ratio('chunks')} | {gbs} |"
+
+
 PAIRED = {
     "--paired": (
         paired, [("minilm-22M", 30), ("bert-base-110M", 15)],
@@ -149,6 +190,12 @@ PAIRED = {
         "| mix | turbotune max_grad_norm min / median ms | torch clip_grad_norm_ + fused min / median ms "
         "| speed-up min / median | GB/s at min (32 / 40 B/param) | weights max rel diff after the run "
         "(<= 1e-5) | norm rel err vs fp64: turbotune / torch |",
+    ),
+    "--paired-schedule": (
+        paired_schedule, [("minilm-22M", 40), ("bert-base-110M", 20)],
+        "| mix | turbotune balanced min / median ms | turbotune chunks min / median ms | torch fused min / median ms "
+        "| copy 28 B/param min / median ms | torch / balanced per round: median (IQR) "
+        "| torch / chunks per round: median (IQR) | GB/s at min: balanced / chunks / torch / copy |",
     ),
 }
 

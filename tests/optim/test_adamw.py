@@ -682,3 +682,28 @@ def test_state_and_storage_changes_between_steps_are_picked_up():
             ob.state[b]["step"] = torch.tensor(10.0)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert float(oa.state[a]["step"]) == float(ob.state[b]["step"]) == 12
+
+
+@needs_native
+def test_work_split_does_not_change_a_bit(monkeypatch):
+    """The CPU kernel's balanced work split (default) and the equal-chunk-count split
+    (TURBOTUNE_CPU_SCHEDULE=chunks) give identical params, state and gradient norm."""
+    from turbotune.bench.suites.optim import bert_shapes
+
+    shapes = bert_shapes(1, 64, 256, vocab=3000, positions=128)  # big and tiny tensors, > 64K elements in all
+    results = []
+    for schedule in ("balanced", "chunks"):
+        monkeypatch.setenv("TURBOTUNE_CPU_SCHEDULE", schedule)
+        torch.manual_seed(7)
+        ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = AdamW(ps, lr=1e-3, max_grad_norm=0.5)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape)
+            opt.step()
+        results.append(([p.detach().clone() for p in ps], [opt.state[p]["exp_avg_sq"] for p in ps],
+                        opt.last_grad_norm))
+    (pa, va, na), (pb, vb, nb) = results
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert all(torch.equal(x, y) for x, y in zip(va, vb))
+    assert torch.equal(na, nb)

@@ -400,6 +400,12 @@ for dtype, sdt in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat
         torch.testing.assert_close(opt.state[a]["master_param"], master, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(a.detach().float(), rp.float(), rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-6)
     torch.testing.assert_close(opt.state[a]["exp_avg_sq"].float(), rv.float(), rtol=1e-2, atol=1e-9)
+# the gradient norm pass: the same bits for every SIMD variant (lanes fixed in the source)
+g = torch.randn(70001 * 3 + 5, generator=torch.Generator().manual_seed(1))
+for code, dt in ((0, torch.float32), (2, torch.bfloat16)):
+    x = g.to(dt)
+    got = _native.require().sum_squares_cpu([x.data_ptr()], [x.numel()], code)
+    assert got.hex() == {"f32": "{sumsq_f32}", "bf16": "{sumsq_bf16}"}[{0: "f32", 2: "bf16"}[code]], got.hex()
 print("ok")
 """
 
@@ -415,9 +421,13 @@ def test_lower_simd_variants_match_reference(isa):
     feats = _native.status().cpu_features
     if isa == "avx2" and not (feats.get("avx2") and feats.get("fma")):
         pytest.skip("CPU has no AVX2/FMA")
+    g = torch.randn(70001 * 3 + 5, generator=torch.Generator().manual_seed(1))
+    C = _native.require()
+    sums = {name: C.sum_squares_cpu([x.data_ptr()], [x.numel()], code).hex()
+            for name, code, x in (("f32", 0, g), ("bf16", 2, g.to(torch.bfloat16)))}
+    script = SIMD_SCRIPT.replace("{isa}", isa).replace("{sumsq_f32}", sums["f32"]).replace("{sumsq_bf16}", sums["bf16"])
     env = dict(os.environ, TURBOTUNE_CPU_SIMD=isa)
-    out = subprocess.run([sys.executable, "-c", SIMD_SCRIPT.replace("{isa}", isa)], env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 

@@ -453,7 +453,7 @@ class AdamW(torch.optim.Optimizer):
             if t is None:
                 continue
             if not (isinstance(t, Tensor) and t.shape == p.shape and t.is_floating_point()
-                    and t.layout == torch.strided):
+                    and t.layout == torch.strided and t.device.type != "meta"):
                 index = self._param_index(p) if index is None else index
                 _check_state_tensor(index, name, t, p)
             want = torch.float32 if name == _MASTER else sdt

@@ -14,7 +14,8 @@ Run as a script to print the Markdown tables recorded in benchmarks/RESULTS.md:
                                                         # vs the old equal-chunk-count split vs torch vs copy
 
 TURBOTUNE_BENCH_THREADS=n pins torch.set_num_threads (the native kernels use OpenMP's own count:
-set OMP_NUM_THREADS=n too to pin both).
+set OMP_NUM_THREADS=n too to pin both). TURBOTUNE_BENCH_CLOCK=thread times the paired modes in CPU time
+of the calling thread (meaningful with one thread: the kernels' own cost on a machine shared with other jobs).
 """
 import gc
 import os
@@ -55,21 +56,28 @@ def main(full: bool) -> None:
         print(f"| {m['config']} | {m['params_grads']:g} | {m['state']:g} | {m['total']:g} |")
 
 
+# TURBOTUNE_BENCH_CLOCK=thread: time the calling thread's CPU time instead of wall time. With one thread
+# (OMP_NUM_THREADS=1 TURBOTUNE_BENCH_THREADS=1) that is the kernel's own cost, free of the time slices other
+# processes take on a shared machine (memory stalls still count).
+CLOCK = os.environ.get("TURBOTUNE_BENCH_CLOCK", "wall")
+
+
 def _interleave(fns, reps, before=None, keep_order=False):
     """Time each function of ``fns`` once per round, rounds repeated ``reps`` times; the order rotates every
     round so that none always runs first (the machine may be shared). ``before(name)`` runs untimed before
     each call. Returns ``{name: times in ms}``, sorted unless ``keep_order`` (then round by round)."""
     import time
 
+    clock = time.thread_time if CLOCK == "thread" else time.perf_counter
     names = list(fns)
     times = {k: [] for k in names}
     for r in range(reps):
         for k in names[r % len(names):] + names[: r % len(names)]:
             if before is not None:
                 before(k)
-            s = time.perf_counter()
+            s = clock()
             fns[k]()
-            times[k].append((time.perf_counter() - s) * 1e3)
+            times[k].append((clock() - s) * 1e3)
     return times if keep_order else {k: sorted(v) for k, v in times.items()}
 
 
@@ -142,15 +150,17 @@ def paired_clip(model: str, reps: int) -> str:
 def paired_schedule(model: str, reps: int) -> str:
     """One Markdown row: the plain fp32 step with the CPU kernel's two work splits (balanced bytes per
     thread, the default; ``TURBOTUNE_CPU_SCHEDULE=chunks``, equal chunk counts as before issue 8) against
-    torch's fused AdamW and a 28 B/param copy, interleaved; per-round ratios are torch time / turbotune
-    time within the same round (both saw the same load)."""
+    torch's fused AdamW and two bandwidth floors moving 28 B/param (a copy, and an in-place ``add_`` with
+    AdamW's read/write mix), interleaved; per-round ratios are torch time / turbotune time within the same
+    round (both saw the same load)."""
     from turbotune.bench.suites.optim import MODELS, _params, numel
     from turbotune.optim import AdamW
 
     ps = _params(MODELS[model], torch.float32, torch.device("cpu"))
     n = numel(MODELS[model])
     ours, theirs = AdamW(ps, lr=1e-4), torch.optim.AdamW(ps, lr=1e-4, fused=True)
-    src, dst = torch.ones(7 * n // 2), torch.empty(7 * n // 2)
+    src, dst = torch.ones(7 * n // 2), torch.empty(7 * n // 2)  # copy: 14 B read + 14 B written (+ write-allocate)
+    acc, inc = torch.ones(7 * n // 3), torch.ones(7 * n // 3)  # acc += inc: 16 B read + 12 B written, as AdamW
 
     def with_schedule(value):
         def fn():
@@ -159,13 +169,13 @@ def paired_schedule(model: str, reps: int) -> str:
         return fn
 
     fns = {"balanced": with_schedule("balanced"), "chunks": with_schedule("chunks"), "torch": theirs.step,
-           "copy": lambda: dst.copy_(src)}
+           "copy": lambda: dst.copy_(src), "add_": lambda: acc.add_(inc)}
     for f in fns.values():
         f()
         f()
     rounds = _interleave(fns, reps, keep_order=True)
     os.environ.pop("TURBOTUNE_CPU_SCHEDULE", None)
-    del ours, theirs, ps, src, dst
+    del ours, theirs, ps, src, dst, acc, inc
     gc.collect()
     t = {k: sorted(v) for k, v in rounds.items()}
 
@@ -173,8 +183,9 @@ def paired_schedule(model: str, reps: int) -> str:
         r = sorted(a / b for a, b in zip(rounds["torch"], rounds[k]))
         return f"{r[len(r) // 2]:.3f} ({r[len(r) // 4]:.3f}-{r[3 * len(r) // 4]:.3f})"
 
-    cells = [f"{_min_med(t[k])[0]:.1f} / {_min_med(t[k])[1]:.1f}" for k in ("balanced", "chunks", "torch", "copy")]
-    gbs = " / ".join(f"{28 * n / t[k][0] / 1e6:.1f}" for k in ("balanced", "chunks", "torch", "copy"))
+    keys = ("balanced", "chunks", "torch", "copy", "add_")
+    cells = [f"{_min_med(t[k])[0]:.1f} / {_min_med(t[k])[1]:.1f}" for k in keys]
+    gbs = " / ".join(f"{28 * n / t[k][0] / 1e6:.1f}" for k in keys)
     return f"| {model} | " + " | ".join(cells) + f" | {ratio('balanced')} | {ratio('chunks')} | {gbs} |"
 
 
@@ -194,8 +205,8 @@ PAIRED = {
     "--paired-schedule": (
         paired_schedule, [("minilm-22M", 40), ("bert-base-110M", 20)],
         "| mix | turbotune balanced min / median ms | turbotune chunks min / median ms | torch fused min / median ms "
-        "| copy 28 B/param min / median ms | torch / balanced per round: median (IQR) "
-        "| torch / chunks per round: median (IQR) | GB/s at min: balanced / chunks / torch / copy |",
+        "| copy 28 B/param min / median ms | add_ 28 B/param min / median ms | torch / balanced per round: median "
+        "(IQR) | torch / chunks per round: median (IQR) | GB/s at min: balanced / chunks / torch / copy / add_ |",
     ),
 }
 
@@ -206,7 +217,9 @@ if __name__ == "__main__":
         main("--full" in sys.argv)
     for mode in modes:
         fn, runs, header = PAIRED[mode]
-        print(f"{mode}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        if CLOCK == "thread" and torch.get_num_threads() != 1:
+            raise SystemExit("TURBOTUNE_BENCH_CLOCK=thread needs one thread: OMP_NUM_THREADS=1 TURBOTUNE_BENCH_THREADS=1")
+        print(f"{mode}: torch {torch.__version__}, {torch.get_num_threads()} threads, {CLOCK} clock, "
               f"load average {os.getloadavg()[0]:.1f}")
         print(header)
         print("|---" * (header.count("|") - 1) + "|")

@@ -102,8 +102,6 @@ def paired(model: str, reps: int) -> str:
         f()
     t = _interleave(fns, reps)
     (a0, a5), (b0, b5), (c0, c5), (d0, d5) = (_min_med(t[k]) for k in ("tt", "torch", "bf16", "copy"))
-    del fns, ps, qs, src, dst
-    gc.collect()
     gbs = lambda ms: 28 * n / ms / 1e6  # noqa: E731
     return (f"| {model} | {a0:.1f} / {a5:.1f} | {b0:.1f} / {b5:.1f} | {b0 / a0:.2f}x / {b5 / a5:.2f}x "
             f"| {c0:.1f} / {c5:.1f} | {c0 / a0:.2f} / {c5 / a5:.2f} "
@@ -140,8 +138,6 @@ def paired_clip(model: str, reps: int) -> str:
     err_torch = abs(float(norms[-1]) / exact - 1)
     (a0, a5), (b0, b5) = _min_med(t["turbotune"]), _min_med(t["torch"])
     n = numel(MODELS[model])
-    del ps, qs, grads, ot, oo
-    gc.collect()
     ok = "yes" if worst <= 1e-5 else "NO"
     return (f"| {model} | {a0:.1f} / {a5:.1f} | {b0:.1f} / {b5:.1f} | **{b0 / a0:.2f}x / {b5 / a5:.2f}x** "
             f"| {32 * n / a0 / 1e6:.1f} / {40 * n / b0 / 1e6:.1f} | {worst:.1e} ({ok}) | {err_tt:.1e} / {err_torch:.1e} |")
@@ -175,8 +171,6 @@ def paired_schedule(model: str, reps: int) -> str:
         f()
     rounds = _interleave(fns, reps, keep_order=True)
     os.environ.pop("TURBOTUNE_CPU_SCHEDULE", None)
-    del ours, theirs, ps, src, dst, acc, inc
-    gc.collect()
     t = {k: sorted(v) for k, v in rounds.items()}
 
     def ratio(k):
@@ -225,3 +219,4 @@ if __name__ == "__main__":
         print("|---" * (header.count("|") - 1) + "|")
         for model, reps in runs:
             print(fn(model, reps), flush=True)
+            gc.collect()  # the previous mix's params and optimizer state are gone before the next one

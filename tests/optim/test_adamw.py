@@ -1,6 +1,5 @@
 """turbotune.optim.AdamW against torch.optim.AdamW and the single-tensor reference."""
 import copy
-import math
 
 import pytest
 import torch

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "cpu/adamw.h"  // sr::*: the stochastic-rounding bits, one definition for CPU and CUDA
 #include "cuda_api.h"
 #include "multi_tensor.cuh"
 
@@ -40,22 +41,13 @@ struct DBF16 {
   static __device__ __forceinline__ T store(float x) { return __float2bfloat16_rn(x); }
 };
 
-__device__ __forceinline__ uint32_t hash32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return x;
+// Stochastic rounding fp32 -> bf16 with the shared definition (same bits as the CPU kernel).
+__device__ __forceinline__ __nv_bfloat16 bf16_stochastic(float f, uint32_t rnd) {
+  return __ushort_as_bfloat16(sr::round_bf16_stochastic(__float_as_uint(f), rnd));
 }
 
-// Stochastic rounding fp32 -> bf16 (unbiased); inf / NaN pass through.
-__device__ __forceinline__ __nv_bfloat16 bf16_stochastic(float f, uint32_t rnd) {
-  if (!isfinite(f)) return __float2bfloat16_rn(f);
-  uint32_t u = __float_as_uint(f);
-  u = (u + (rnd & 0xFFFFu)) & 0xFFFF0000u;
-  return __float2bfloat16_rn(__uint_as_float(u));  // exact: low bits are zero
-}
+// max that keeps a NaN from either side, as torch.maximum and the CPU kernel (fmaxf drops it).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
 struct AdamWScalars {
   float lr, beta1, beta2, eps, weight_decay;
@@ -63,6 +55,7 @@ struct AdamWScalars {
   bool amsgrad, maximize;
   const float* grad_scale;
   const float* found_inf;
+  const float* clip_coef;
   uint64_t seed;
 };
 
@@ -81,7 +74,7 @@ __global__ void __launch_bounds__(mt::kThreads) adamw_kernel(TensorListMeta<kAda
   const int64_t len = min(mt::kChunk, numel - begin);
 
   PT* p = static_cast<PT*>(meta.addr[0][slot]) + begin;
-  const PT* g = static_cast<const PT*>(meta.addr[1][slot]) + begin;
+  PT* g = static_cast<PT*>(meta.addr[1][slot]) + begin;
   ST* m = static_cast<ST*>(meta.addr[2][slot]) + begin;
   ST* v = static_cast<ST*>(meta.addr[3][slot]) + begin;
   ST* vmax = sc.amsgrad ? static_cast<ST*>(meta.addr[4][slot]) + begin : nullptr;
@@ -91,7 +84,9 @@ __global__ void __launch_bounds__(mt::kThreads) adamw_kernel(TensorListMeta<kAda
   const double step = static_cast<double>(*meta.step[slot]);
   const double bc1 = 1.0 - pow(sc.beta1_d, step);
   const double bc2 = 1.0 - pow(sc.beta2_d, step);
-  float gmul = sc.grad_scale != nullptr ? 1.0f / *sc.grad_scale : 1.0f;
+  const bool write_grad = sc.grad_scale != nullptr;  // torch's fused AdamW stores the unscaled grad
+  const float unscale = write_grad ? 1.0f / *sc.grad_scale : 1.0f;
+  float gmul = sc.clip_coef != nullptr ? *sc.clip_coef : 1.0f;
   if (sc.maximize) gmul = -gmul;
   const float decay = static_cast<float>(1.0 - sc.lr_d * sc.wd_d);
   const float w1 = static_cast<float>(1.0 - sc.beta1_d);
@@ -100,12 +95,12 @@ __global__ void __launch_bounds__(mt::kThreads) adamw_kernel(TensorListMeta<kAda
   const float bc2_sqrt = static_cast<float>(sqrt(bc2));
   const float neg_step = static_cast<float>(-(sc.lr_d / bc1));
   const float eps = sc.eps;
-  const uint32_t tseed = hash32(static_cast<uint32_t>(sc.seed) ^ hash32(static_cast<uint32_t>(sc.seed >> 32) +
-                                                                         static_cast<uint32_t>(meta.tensor_index[slot])));
+  const uint32_t tseed = sr::tensor_seed(sc.seed, static_cast<uint64_t>(meta.tensor_index[slot]));
 
+  // grad: already unscaled (and written back when write_grad)
   auto update = [&](float param, float grad, float mi, float vi, float vm, float& po, float& mo, float& vo,
                     float& vmo) {
-    grad *= gmul;
+    grad = __fmul_rn(grad, gmul);
     param *= decay;
     mi = fmaf(w1, grad - mi, mi);
     vi = fmaf(w2 * grad, grad, vi * beta2);
@@ -113,7 +108,7 @@ __global__ void __launch_bounds__(mt::kThreads) adamw_kernel(TensorListMeta<kAda
     vo = S::load(S::store(vi));
     float vhat = vo;
     if (sc.amsgrad) {
-      vhat = fmaxf(vm, vhat);
+      vhat = nan_max(vm, vhat);
       vmo = vhat;
     }
     const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vhat), bc2_sqrt), eps);
@@ -125,7 +120,7 @@ __global__ void __launch_bounds__(mt::kThreads) adamw_kernel(TensorListMeta<kAda
       p[i] = P::store(po);
     } else if constexpr (kSR) {
       static_assert(std::is_same<P, DBF16>::value, "stochastic rounding is for bf16 params");
-      p[i] = bf16_stochastic(po, hash32(static_cast<uint32_t>(begin + i) ^ tseed));
+      p[i] = bf16_stochastic(po, sr::element_bits(tseed, static_cast<uint32_t>(begin + i)));
     } else {
       p[i] = P::store(po);
     }
@@ -150,13 +145,20 @@ __global__ void __launch_bounds__(mt::kThreads) adamw_kernel(TensorListMeta<kAda
       } else {
         mt::load_vec(pr, p + i0);
       }
-      float po[kVec];
+      float po[kVec], gu[kVec];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) gu[j] = __fmul_rn(P::load(gr[j]), unscale);
+      if (write_grad) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) gr[j] = P::store(gu[j]);
+        mt::store_vec(g + i0, gr);
+      }
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         float mo, vo, vmo = 0.f;
         const float param = kMaster ? mw[j] : P::load(pr[j]);
-        update(param, P::load(gr[j]), S::load(mr[j]), S::load(vr[j]), sc.amsgrad ? S::load(vmr[j]) : 0.f, po[j], mo,
-               vo, vmo);
+        update(param, gu[j], S::load(mr[j]), S::load(vr[j]), sc.amsgrad ? S::load(vmr[j]) : 0.f, po[j], mo, vo,
+               vmo);
         mr[j] = S::store(mo);
         vr[j] = S::store(vo);
         if (sc.amsgrad) vmr[j] = S::store(vmo);
@@ -183,7 +185,9 @@ __global__ void __launch_bounds__(mt::kThreads) adamw_kernel(TensorListMeta<kAda
   for (int64_t i = done + threadIdx.x; i < len; i += blockDim.x) {
     float po, mo, vo, vmo = 0.f;
     const float param = kMaster ? master[i] : P::load(p[i]);
-    update(param, P::load(g[i]), S::load(m[i]), S::load(v[i]), sc.amsgrad ? S::load(vmax[i]) : 0.f, po, mo, vo, vmo);
+    const float gu = __fmul_rn(P::load(g[i]), unscale);
+    if (write_grad) g[i] = P::store(gu);
+    update(param, gu, S::load(m[i]), S::load(v[i]), sc.amsgrad ? S::load(vmax[i]) : 0.f, po, mo, vo, vmo);
     m[i] = S::store(mo);
     v[i] = S::store(vo);
     if (sc.amsgrad) vmax[i] = S::store(vmo);
@@ -207,10 +211,11 @@ cudaError_t launch_adamw(const AdamWArgs& a, cudaStream_t stream) {
   sc.maximize = a.maximize;
   sc.grad_scale = a.grad_scale;
   sc.found_inf = a.found_inf;
+  sc.clip_coef = a.clip_coef;
   sc.seed = a.seed;
   auto fill = [&](TensorListMeta<kAdamDepth>& meta, int slot, int64_t t) {
     meta.addr[0][slot] = a.params[t];
-    meta.addr[1][slot] = const_cast<void*>(a.grads[t]);
+    meta.addr[1][slot] = a.grads[t];
     meta.addr[2][slot] = a.exp_avg[t];
     meta.addr[3][slot] = a.exp_avg_sq[t];
     meta.addr[4][slot] = a.amsgrad ? a.max_exp_avg_sq[t] : nullptr;
@@ -289,7 +294,10 @@ __global__ void __launch_bounds__(mt::kThreads) sumsq_kernel(TensorListMeta<1> m
   if (threadIdx.x == 0) partials[meta.first_block + blockIdx.x] = red[0];
 }
 
-__global__ void clip_coef_kernel(const float* partials, int64_t len, float max_norm, float* total_norm, float* coef) {
+// The coefficient is computed as torch.nn.utils.clip_grad_norm_ does, in fp32:
+// clamp(reciprocal(total + 1e-6) * max_norm, max=1) (torch's float / tensor is reciprocal * float).
+__global__ void clip_coef_kernel(const float* partials, int64_t len, float max_norm, const float* grad_scale,
+                                 float* total_norm, float* coef) {
   __shared__ double red[1024];
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < len; i += blockDim.x) acc += static_cast<double>(partials[i]);
@@ -300,8 +308,9 @@ __global__ void clip_coef_kernel(const float* partials, int64_t len, float max_n
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    const float total = static_cast<float>(sqrt(red[0]));
-    const float c = max_norm / (total + 1e-6f);
+    const double scale = grad_scale != nullptr ? static_cast<double>(*grad_scale) : 1.0;
+    const float total = static_cast<float>(sqrt(red[0]) / scale);  // norm of the unscaled grads
+    const float c = __fmul_rn(__frcp_rn(__fadd_rn(total, 1e-6f)), max_norm);
     *total_norm = total;
     *coef = c >= 1.0f ? 1.0f : c;  // NaN propagates, as in torch
   }
@@ -397,10 +406,10 @@ int sum_squares_partials(int64_t n, const void* const* ptrs, const int64_t* nume
   }
 }
 
-int clip_coefficient(const float* partials, int64_t len, float max_norm, float* total_norm, float* coef,
-                     uintptr_t stream) {
+int clip_coefficient(const float* partials, int64_t len, float max_norm, const float* grad_scale,
+                     float* total_norm, float* coef, uintptr_t stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  clip_coef_kernel<<<1, 1024, 0, s>>>(partials, len, max_norm, total_norm, coef);
+  clip_coef_kernel<<<1, 1024, 0, s>>>(partials, len, max_norm, grad_scale, total_norm, coef);
   return static_cast<int>(cudaGetLastError());
 }
 

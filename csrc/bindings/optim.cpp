@@ -25,17 +25,30 @@ namespace {
 
 using Ptrs = std::vector<uintptr_t>;
 
-std::vector<void*> to_ptrs(const Ptrs& v, size_t n, const char* name, bool allow_empty = false) {
+// A pointer list of n entries (or none, when allow_empty). A null pointer is an
+// error unless its tensor has no elements (numel[i] == 0): the kernels skip those.
+std::vector<void*> to_ptrs(const Ptrs& v, size_t n, const char* name, const std::vector<int64_t>* numel,
+                           bool allow_empty = false) {
   if (allow_empty && v.empty()) return {};
   if (v.size() != n)
     throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(n) + " pointers, got " +
                                 std::to_string(v.size()));
   std::vector<void*> out(n);
   for (size_t i = 0; i < n; ++i) {
-    if (v[i] == 0) throw std::invalid_argument(std::string(name) + "[" + std::to_string(i) + "] is a null pointer");
+    const bool empty = numel != nullptr && (*numel)[i] == 0;
+    if (v[i] == 0 && !empty)
+      throw std::invalid_argument(std::string(name) + "[" + std::to_string(i) + "] is a null pointer");
     out[i] = reinterpret_cast<void*>(v[i]);
   }
   return out;
+}
+
+void check_numel(const std::vector<int64_t>& numel, size_t n) {
+  if (numel.size() != n)
+    throw std::invalid_argument("numel: expected " + std::to_string(n) + " entries, got " +
+                                std::to_string(numel.size()));
+  for (size_t i = 0; i < n; ++i)
+    if (numel[i] < 0) throw std::invalid_argument("numel[" + std::to_string(i) + "] is negative");
 }
 
 cpu::DType to_dtype(int code, const char* name) {
@@ -55,43 +68,43 @@ AdamWLists adamw_lists(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_av
                        const Ptrs& max_exp_avg_sq, const Ptrs& master, const std::vector<int64_t>& numel,
                        bool amsgrad) {
   const size_t n = params.size();
+  check_numel(numel, n);
   AdamWLists l;
-  l.params = to_ptrs(params, n, "params");
-  l.grads = to_ptrs(grads, n, "grads");
-  l.exp_avg = to_ptrs(exp_avg, n, "exp_avg");
-  l.exp_avg_sq = to_ptrs(exp_avg_sq, n, "exp_avg_sq");
-  l.max_exp_avg_sq = to_ptrs(max_exp_avg_sq, n, "max_exp_avg_sq", true);
-  for (void* w : to_ptrs(master, n, "master", true)) l.master.push_back(static_cast<float*>(w));
-  if (numel.size() != n) throw std::invalid_argument("numel: expected " + std::to_string(n) + " entries");
+  l.params = to_ptrs(params, n, "params", &numel);
+  l.grads = to_ptrs(grads, n, "grads", &numel);
+  l.exp_avg = to_ptrs(exp_avg, n, "exp_avg", &numel);
+  l.exp_avg_sq = to_ptrs(exp_avg_sq, n, "exp_avg_sq", &numel);
+  l.max_exp_avg_sq = to_ptrs(max_exp_avg_sq, n, "max_exp_avg_sq", &numel, true);
+  for (void* w : to_ptrs(master, n, "master", &numel, true)) l.master.push_back(static_cast<float*>(w));
   if (amsgrad && l.max_exp_avg_sq.empty()) throw std::invalid_argument("max_exp_avg_sq: required when amsgrad=True");
   return l;
 }
 
 // One multi-tensor list (clipping kernels) with its element counts.
 std::vector<void*> tensor_list(const Ptrs& ptrs, const std::vector<int64_t>& numel) {
-  auto p = to_ptrs(ptrs, ptrs.size(), "tensors");
-  if (numel.size() != p.size()) throw std::invalid_argument("numel: expected one entry per tensor");
-  return p;
+  check_numel(numel, ptrs.size());
+  return to_ptrs(ptrs, ptrs.size(), "tensors", &numel);
 }
 
 void adamw_cpu(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avg, const Ptrs& exp_avg_sq,
                const Ptrs& max_exp_avg_sq, const Ptrs& master, const std::vector<int64_t>& numel,
-               const std::vector<double>& step, int param_dtype, int state_dtype, double lr, double beta1,
-               double beta2, double eps, double weight_decay, bool amsgrad, bool maximize, double grad_multiplier,
-               bool stochastic_rounding, uint64_t seed) {
+               const Ptrs& step, int param_dtype, int state_dtype, double lr, double beta1,
+               double beta2, double eps, double weight_decay, bool amsgrad, bool maximize, double grad_unscale,
+               double grad_multiplier, bool write_grad, bool stochastic_rounding, uint64_t seed) {
   const size_t n = params.size();
   auto l = adamw_lists(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, master, numel, amsgrad);
-  if (step.size() != n) throw std::invalid_argument("step: expected " + std::to_string(n) + " entries");
+  std::vector<float*> steps;
+  for (void* s : to_ptrs(step, n, "step", nullptr)) steps.push_back(static_cast<float*>(s));
   cpu::AdamWTensorList t;
   t.n = static_cast<int64_t>(n);
   t.params = l.params.data();
-  t.grads = const_cast<const void* const*>(l.grads.data());
+  t.grads = l.grads.data();
   t.exp_avg = l.exp_avg.data();
   t.exp_avg_sq = l.exp_avg_sq.data();
   t.max_exp_avg_sq = amsgrad ? l.max_exp_avg_sq.data() : nullptr;
   t.master = l.master.empty() ? nullptr : l.master.data();
   t.numel = numel.data();
-  t.step = step.data();
+  t.step = steps.data();
   cpu::AdamWHyper h;
   h.lr = lr;
   h.beta1 = beta1;
@@ -100,7 +113,9 @@ void adamw_cpu(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avg, const
   h.weight_decay = weight_decay;
   h.amsgrad = amsgrad;
   h.maximize = maximize;
+  h.grad_unscale = grad_unscale;
   h.grad_multiplier = grad_multiplier;
+  h.write_grad = write_grad;
   h.stochastic_rounding = stochastic_rounding;
   h.seed = seed;
   const cpu::DType pd = to_dtype(param_dtype, "param_dtype");
@@ -134,10 +149,11 @@ void adamw_cuda(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avg, cons
                 const Ptrs& max_exp_avg_sq, const Ptrs& master, const std::vector<int64_t>& numel,
                 const Ptrs& step, int param_dtype, int state_dtype, double lr, double beta1, double beta2,
                 double eps, double weight_decay, bool amsgrad, bool maximize, uintptr_t grad_scale,
-                uintptr_t found_inf, bool stochastic_rounding, uint64_t seed, uintptr_t stream) {
+                uintptr_t found_inf, uintptr_t clip_coef, bool stochastic_rounding, uint64_t seed,
+                uintptr_t stream) {
   const size_t n = params.size();
   auto l = adamw_lists(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, master, numel, amsgrad);
-  auto s = to_ptrs(step, n, "step");
+  auto s = to_ptrs(step, n, "step", nullptr);
   to_dtype(param_dtype, "param_dtype");
   to_dtype(state_dtype, "state_dtype");
   std::vector<const float*> sf(n);
@@ -145,7 +161,7 @@ void adamw_cuda(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avg, cons
   cuda::AdamWArgs a{};
   a.n = static_cast<int64_t>(n);
   a.params = l.params.data();
-  a.grads = const_cast<const void* const*>(l.grads.data());
+  a.grads = l.grads.data();
   a.exp_avg = l.exp_avg.data();
   a.exp_avg_sq = l.exp_avg_sq.data();
   a.max_exp_avg_sq = amsgrad ? l.max_exp_avg_sq.data() : nullptr;
@@ -163,6 +179,7 @@ void adamw_cuda(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avg, cons
   a.maximize = maximize;
   a.grad_scale = reinterpret_cast<const float*>(grad_scale);
   a.found_inf = reinterpret_cast<const float*>(found_inf);
+  a.clip_coef = reinterpret_cast<const float*>(clip_coef);
   a.stochastic_rounding = stochastic_rounding;
   a.seed = seed;
   int err;
@@ -187,13 +204,14 @@ void sum_squares_partials_cuda(const Ptrs& ptrs, const std::vector<int64_t>& num
   check_cuda(err, "sum_squares_partials");
 }
 
-void clip_coefficient_cuda(uintptr_t partials, int64_t len, double max_norm, uintptr_t total_norm, uintptr_t coef,
-                           uintptr_t stream) {
+void clip_coefficient_cuda(uintptr_t partials, int64_t len, double max_norm, uintptr_t grad_scale,
+                           uintptr_t total_norm, uintptr_t coef, uintptr_t stream) {
   int err;
   {
     py::gil_scoped_release nogil;
     err = cuda::clip_coefficient(reinterpret_cast<const float*>(partials), len, static_cast<float>(max_norm),
-                                 reinterpret_cast<float*>(total_norm), reinterpret_cast<float*>(coef), stream);
+                                 reinterpret_cast<const float*>(grad_scale), reinterpret_cast<float*>(total_norm),
+                                 reinterpret_cast<float*>(coef), stream);
   }
   check_cuda(err, "clip_coefficient");
 }
@@ -218,9 +236,11 @@ void bind_optim(py::module_& m) {
   m.def("adamw_cpu", &adamw_cpu, py::arg("params"), py::arg("grads"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
         py::arg("max_exp_avg_sq"), py::arg("master"), py::arg("numel"), py::arg("step"), py::arg("param_dtype"),
         py::arg("state_dtype"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-        py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("grad_multiplier"),
-        py::arg("stochastic_rounding"), py::arg("seed"),
-        "One fused AdamW step over CPU tensors given as data pointers (see turbotune.optim).");
+        py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("grad_unscale"),
+        py::arg("grad_multiplier"), py::arg("write_grad"), py::arg("stochastic_rounding"), py::arg("seed"),
+        "One fused AdamW step over CPU tensors given as data pointers (see turbotune.optim); step: pointers\n"
+        "to the fp32 step counters, incremented by the call. Each grad is\n"
+        "multiplied by grad_unscale (stored back when write_grad) and then by grad_multiplier (clip coefficient).");
   m.def("sum_squares_cpu", &sum_squares_cpu, py::arg("tensors"), py::arg("numel"), py::arg("dtype"),
         "Sum of squares of all elements of the tensors (fp64 result).");
   m.def("scale_cpu", &scale_cpu, py::arg("tensors"), py::arg("numel"), py::arg("dtype"), py::arg("factor"),
@@ -231,13 +251,16 @@ void bind_optim(py::module_& m) {
         py::arg("max_exp_avg_sq"), py::arg("master"), py::arg("numel"), py::arg("step"), py::arg("param_dtype"),
         py::arg("state_dtype"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("grad_scale"),
-        py::arg("found_inf"), py::arg("stochastic_rounding"), py::arg("seed"), py::arg("stream"),
-        "One fused multi-tensor AdamW step on the given CUDA stream (no host synchronisation).");
+        py::arg("found_inf"), py::arg("clip_coef"), py::arg("stochastic_rounding"), py::arg("seed"),
+        py::arg("stream"),
+        "One fused multi-tensor AdamW step on the given CUDA stream (no host synchronisation). With grad_scale\n"
+        "(device fp32 scalar) the unscaled grads are written back; clip_coef (device fp32 scalar) multiplies them\n"
+        "in the update only. 0 = none for either pointer.");
   m.def("multi_tensor_chunk_size", &cuda::multi_tensor_chunk_size);
   m.def("sum_squares_partials_cuda", &sum_squares_partials_cuda, py::arg("tensors"), py::arg("numel"),
         py::arg("dtype"), py::arg("partials"), py::arg("stream"));
   m.def("clip_coefficient_cuda", &clip_coefficient_cuda, py::arg("partials"), py::arg("len"), py::arg("max_norm"),
-        py::arg("total_norm"), py::arg("coef"), py::arg("stream"));
+        py::arg("grad_scale"), py::arg("total_norm"), py::arg("coef"), py::arg("stream"));
   m.def("scale_by_cuda", &scale_by_cuda, py::arg("tensors"), py::arg("numel"), py::arg("dtype"), py::arg("coef"),
         py::arg("stream"));
 #endif

@@ -17,6 +17,13 @@ and for bf16+fp32-master), so ``gb_per_s`` is the achieved bandwidth; the
 ``copy (28 B/param floor)`` case moves the same bytes with a plain copy, so
 turbotune's ``gb_per_s`` over the copy's is the fraction of the bandwidth
 floor reached (the GPU goal is >= 85%).
+
+Mode ``clip+step`` (fp32): gradient clipping by global norm followed by the
+step, as a training loop does. Baseline: ``torch.nn.utils.clip_grad_norm_`` +
+``torch.optim.AdamW(fused=True).step()`` (40 B/param: norm read 4, scaling
+read + write 8, step 28); turbotune ``AdamW(max_grad_norm=...)`` folds the
+coefficient into the update (32 B/param); ``turbotune clip_grad_norm_ + step``
+is the unfused turbotune pair (40 B/param).
 :func:`memory_table` gives params + grads + optimizer-state bytes per param.
 """
 from __future__ import annotations
@@ -74,39 +81,70 @@ def _params(shapes, dtype, device, seed=0):
     return ps
 
 
-def _lazy_step(make: Callable[[], torch.optim.Optimizer]) -> Callable[[], None]:
+def _lazy_call(make: Callable[[], Callable[[], object]]) -> Callable[[], None]:
+    """A case function that builds its step function (optimizer, state, buffers) on first call, freeing
+    the previous case's first: only one is alive at a time."""
     holder = {}
 
     def fn():
-        opt = holder.get("opt")
-        if opt is None:
+        step = holder.get("step")
+        if step is None:
             if _Slot.current is not None:
                 _Slot.current.clear()
                 gc.collect()
-            opt = make()
-            holder["opt"] = opt
+            step = make()
+            holder["step"] = step
             _Slot.current = holder
-        opt.step()
+        step()
 
     return fn
+
+
+def _lazy_step(make: Callable[[], torch.optim.Optimizer]) -> Callable[[], None]:
+    return _lazy_call(lambda: make().step)
+
+
+CLIP_NORM = 1.0  # below the global norm of the bench gradients (~4.8 MiniLM, ~10.5 BERT-base): clipping is active
+
+
+def clip_step_providers(quick: bool):
+    """``(name, baseline, bytes per param, make(params) -> step function)`` of the ``clip+step`` mode."""
+    from turbotune.optim import AdamW, clip_grad_norm_
+
+    def torch_pair(ps):
+        opt = torch.optim.AdamW(ps, lr=1e-4, fused=True)
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(ps, CLIP_NORM)
+            opt.step()
+
+        return step
+
+    def turbotune_pair(ps):
+        opt = AdamW(ps, lr=1e-4)
+
+        def step():
+            clip_grad_norm_(ps, CLIP_NORM)
+            opt.step()
+
+        return step
+
+    out = [
+        ("torch clip_grad_norm_ + fused", True, 40, torch_pair),
+        ("turbotune max_grad_norm", False, 32, lambda ps: AdamW(ps, lr=1e-4, max_grad_norm=CLIP_NORM).step),
+    ]
+    if not quick:
+        out.append(("turbotune clip_grad_norm_ + step", False, 40, turbotune_pair))
+    return out
 
 
 def _lazy_copy(n: int, device: torch.device) -> Callable[[], None]:
-    holder = {}
+    def make():
+        k = 7 * n // 2  # fp32 elements in 14 B/param
+        src, dst = torch.ones(k, device=device), torch.empty(k, device=device)
+        return lambda: dst.copy_(src)
 
-    def fn():
-        bufs = holder.get("bufs")
-        if bufs is None:
-            if _Slot.current is not None:
-                _Slot.current.clear()
-                gc.collect()
-            k = 7 * n // 2  # fp32 elements in 14 B/param
-            bufs = (torch.ones(k, device=device), torch.empty(k, device=device))
-            holder["bufs"] = bufs
-            _Slot.current = holder
-        bufs[1].copy_(bufs[0])
-
-    return fn
+    return _lazy_call(make)
 
 
 def _providers(dtype: str, quick: bool):
@@ -142,36 +180,25 @@ def optim_suite(quick: bool, device: torch.device) -> Iterable[Case]:
                     shared["ps"] = _params(shapes, dtype, device)
                 return shared["ps"]
 
+            def case(provider, mode, fn, baseline, traffic, dtype_name=dtype_name, shapes=shapes, n=n):
+                return Case(op="adamw_step", provider=provider, mode=mode,
+                            shape=f"{model} ({n / 1e6:.1f}M params, {len(shapes)} tensors)", dtype=dtype_name,
+                            device=str(device.type), fn=fn, baseline=baseline, work={"bytes": float(traffic)})
+
             for name, baseline, make in _providers(dtype_name, quick):
                 traffic = 28 * n
                 if name == "torch-fused(no master)":
                     traffic = (2 * 2 + 2 + 2 * 2 * 2) * n  # bf16: p r/w, g r, m and v r/w
                 elif name == "turbotune(bf16 state)":
                     traffic = (2 + 2 + 4 * 2 + 2 * 2 * 2) * n  # p w, g r, master r/w, bf16 m and v r/w
-                yield Case(
-                    op="adamw_step",
-                    provider=name,
-                    mode="step",
-                    shape=f"{model} ({n / 1e6:.1f}M params, {len(shapes)} tensors)",
-                    dtype=dtype_name,
-                    device=str(device.type),
-                    fn=_lazy_step(lambda make=make, params=params: make(params())),
-                    baseline=baseline,
-                    work={"bytes": float(traffic)},
-                )
+                yield case(name, "step", _lazy_step(lambda make=make, params=params: make(params())), baseline,
+                           traffic)
             if dtype_name == "fp32":
+                for name, baseline, bpp, make in clip_step_providers(quick):
+                    yield case(name, "clip+step", _lazy_call(lambda make=make, params=params: make(params())),
+                               baseline, bpp * n)
                 # bandwidth floor: a plain copy moving the same 28 B/param (read 14, write 14)
-                yield Case(
-                    op="adamw_step",
-                    provider="copy (28 B/param floor)",
-                    mode="step",
-                    shape=f"{model} ({n / 1e6:.1f}M params, {len(shapes)} tensors)",
-                    dtype=dtype_name,
-                    device=str(device.type),
-                    fn=_lazy_copy(n, device),
-                    baseline=False,
-                    work={"bytes": float(28 * n)},
-                )
+                yield case("copy (28 B/param floor)", "step", _lazy_copy(n, device), False, 28 * n)
 
 
 def memory_table(n_params: int = 1000) -> List[dict]:

@@ -60,6 +60,7 @@ class Pack:
     """
 
     __slots__ = ("indices", "cu_seqlens", "max_seqlen", "batch", "seqlen", "lens", "total", "_buckets")
+    # _buckets: {id(query pack): (query pack, _Plan)} cached for the CPU SDPA path
 
     def __init__(self, indices: Tensor, cu_seqlens: Tensor, max_seqlen: int, batch: int, seqlen: int,
                  lens: Optional[List[int]], total: int):
@@ -185,56 +186,68 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100) -> T
 # ----------------------------------------------------------------------------- attention
 
 
-def _buckets(q_pack: Pack, k_pack: Pack, device: torch.device):
-    """Host-side plan for length-bucketed SDPA: sequences sorted by key length, split
-    into groups padded to the group's longest, so little padding is computed."""
+class _Plan:
+    """Host-built plan of length-bucketed SDPA for one (query pack, key pack) pair.
+
+    Sequences are sorted by key length and cut into contiguous groups (see
+    :func:`_split_groups`); group ``g`` holds ``n`` sequences padded to ``lq``
+    queries and ``lk`` keys. ``kslots`` / ``qslots`` list, group after group, the
+    packed row that fills each padded slot (padding slots repeat a real row of
+    the same sequence: padded keys are masked, padded queries discarded).
+    ``out_idx`` picks, for every packed query row and head, its output in the
+    concatenation of the groups' ``(n, lq, H, D)`` outputs.
+    """
+
+    __slots__ = ("groups", "kslots", "qslots", "ksizes", "qsizes", "out_idx", "heads")
+
+    def __init__(self, q_pack: "Pack", k_pack: "Pack", heads: int, device: torch.device):
+        qlens, klens = q_pack.lens, k_pack.lens
+        nseq = len(klens)
+        order = sorted(range(nseq), key=lambda i: klens[i])
+        cuts = _split_groups([klens[i] for i in order], [qlens[i] for i in order])
+        qstart, kstart = [0] * (nseq + 1), [0] * (nseq + 1)
+        for i in range(nseq):
+            qstart[i + 1] = qstart[i] + qlens[i]
+            kstart[i + 1] = kstart[i] + klens[i]
+        groups, kslots, qslots, out_base = [], [], [], [0] * qstart[nseq]
+        flat = 0  # rows of (n, lq, H) outputs before this group
+        for lo, hi in cuts:
+            seqs = order[lo:hi]
+            n = len(seqs)
+            lk = max(klens[i] for i in seqs)
+            lq = max(qlens[i] for i in seqs)
+            if lq == 0:
+                continue
+            for j, i in enumerate(seqs):
+                ks, kl, qs, ql = kstart[i], klens[i], qstart[i], qlens[i]
+                kslots.extend(range(ks, ks + kl))
+                kslots.extend([ks] * (lk - kl))
+                qslots.extend(range(qs, qs + ql))
+                qslots.extend([qs if ql else 0] * (lq - ql))
+                for r in range(ql):
+                    out_base[qs + r] = flat + (j * lq + r) * heads
+            glens = torch.tensor([klens[i] for i in seqs], dtype=torch.int64)
+            mask = None
+            if int(glens.min()) != lk:
+                mask = (torch.arange(lk).view(1, lk) < glens.view(n, 1)).view(n, 1, 1, lk).to(device)
+            groups.append((n, lq, lk, mask))
+            flat += n * lq * heads
+        self.groups = groups
+        self.heads = heads
+        self.ksizes = [n * lk for n, _, lk, _ in groups]
+        self.qsizes = [n * lq for n, lq, _, _ in groups]
+        self.kslots = torch.tensor(kslots, dtype=torch.int64).to(device)
+        self.qslots = torch.tensor(qslots, dtype=torch.int64).to(device)
+        base = torch.tensor(out_base, dtype=torch.int64)
+        self.out_idx = (base.view(-1, 1) + torch.arange(heads).view(1, -1)).reshape(-1).to(device)
+
+
+def _plan(q_pack: Pack, k_pack: Pack, heads: int, device: torch.device) -> _Plan:
     cached = k_pack._buckets.get(id(q_pack))
-    if cached is not None:
-        return cached[1]
-    qlens, klens = q_pack.lens, k_pack.lens
-    nseq = len(klens)
-    order = sorted(range(nseq), key=lambda i: klens[i])
-    # contiguous groups of the sorted order; the cost model is slots computed (n * lq * lk
-    # plus the projections' share n * lk) plus a fixed per-group overhead in slot units.
-    groups = _split_groups([klens[i] for i in order], [qlens[i] for i in order])
-    qstart = [0] * (nseq + 1)
-    kstart = [0] * (nseq + 1)
-    for i in range(nseq):
-        qstart[i + 1] = qstart[i] + qlens[i]
-        kstart[i + 1] = kstart[i] + klens[i]
-    plan_groups = []
-    out_rows = []
-    for lo, hi in groups:
-        seqs = order[lo:hi]
-        n = len(seqs)
-        lk = max(klens[i] for i in seqs)
-        lq = max(qlens[i] for i in seqs)
-        if lq == 0:
-            continue
-        kslot, qslot, qreal, kmask = [], [], [], []
-        uniform = all(klens[i] == lk for i in seqs)
-        for j, i in enumerate(seqs):
-            ks, kl = kstart[i], klens[i]
-            kslot.extend(range(ks, ks + kl))
-            kslot.extend([ks] * (lk - kl))  # any real row: masked out below
-            qs, ql = qstart[i], qlens[i]
-            qslot.extend(range(qs, qs + ql))
-            qslot.extend([qs if ql else 0] * (lq - ql))  # outputs discarded
-            qreal.extend(range(j * lq, j * lq + ql))
-            out_rows.extend(range(qs, qs + ql))
-            if not uniform:
-                kmask.append([True] * kl + [False] * (lk - kl))
-        t = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
-        mask = None if uniform else torch.tensor(kmask, dtype=torch.bool, device=device).view(n, 1, 1, lk)
-        plan_groups.append((n, lq, lk, t(qslot), t(kslot), t(qreal), mask))
-    inv = None
-    if out_rows != list(range(len(out_rows))):
-        inv = torch.empty(len(out_rows), dtype=torch.int64)
-        inv[torch.tensor(out_rows, dtype=torch.int64)] = torch.arange(len(out_rows))
-        inv = inv.to(device)
-    plan = (plan_groups, inv)
-    k_pack._buckets[id(q_pack)] = (q_pack, plan)  # holding q_pack keeps its id unique
-    return plan
+    if cached is None:
+        cached = (q_pack, _Plan(q_pack, k_pack, heads, device))  # holding q_pack keeps its id unique
+        k_pack._buckets[id(q_pack)] = cached
+    return cached[1]
 
 
 # Cost model of one SDPA group, in units of (head_dim * heads) multiply-adds: attention
@@ -269,20 +282,35 @@ def _split_groups(klens: List[int], qlens: List[int], overhead: int = _GROUP_OVE
     return out[::-1]
 
 
-def _sdpa_bucketed(q: Tensor, k: Tensor, v: Tensor, q_pack: Pack, k_pack: Pack, scale: float) -> Tensor:
+def _sdpa_bucketed(q: Tensor, k: Tensor, v: Tensor, q_pack: Pack, k_pack: Pack, scale: float,
+                   fused: Optional[Tensor]) -> Tensor:
     heads, dim = q.shape[1], q.shape[2]
-    groups, inv = _buckets(q_pack, k_pack, q.device)
-    q2, k2, v2 = q.reshape(q.shape[0], heads * dim), k.reshape(k.shape[0], -1), v.reshape(v.shape[0], -1)
+    hd = heads * dim
+    plan = _plan(q_pack, k_pack, heads, q.device)
+    if not plan.groups:
+        return q.new_zeros(q.shape)
+    # one gather per tensor for all groups (its backward is one scatter), then per-group views
+    if fused is not None and fused.shape[1] == 3 * hd and q_pack is k_pack:
+        parts = fused.index_select(0, plan.kslots).split(plan.ksizes)
+        qkv = [p.view(g[0], g[2], 3, heads, dim).unbind(2) for p, g in zip(parts, plan.groups)]
+    else:
+        if fused is not None and fused.shape[1] == 2 * hd:
+            kv = [p.view(g[0], g[2], 2, heads, dim).unbind(2)
+                  for p, g in zip(fused.index_select(0, plan.kslots).split(plan.ksizes), plan.groups)]
+        else:
+            ks = k.reshape(k.shape[0], hd).index_select(0, plan.kslots).split(plan.ksizes)
+            vs = v.reshape(v.shape[0], hd).index_select(0, plan.kslots).split(plan.ksizes)
+            kv = [(a.view(g[0], g[2], heads, dim), b.view(g[0], g[2], heads, dim))
+                  for a, b, g in zip(ks, vs, plan.groups)]
+        qs = q.reshape(q.shape[0], hd).index_select(0, plan.qslots).split(plan.qsizes)
+        qkv = [(a.view(g[0], g[1], heads, dim), *b) for a, b, g in zip(qs, kv, plan.groups)]
     outs = []
-    for n, lq, lk, qslot, kslot, qreal, mask in groups:
-        qg = q2.index_select(0, qslot).view(n, lq, heads, dim).transpose(1, 2)
-        kg = k2.index_select(0, kslot).view(n, lk, heads, dim).transpose(1, 2)
-        vg = v2.index_select(0, kslot).view(n, lk, heads, dim).transpose(1, 2)
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)  # (n, H, lq, D)
-        og = og.transpose(1, 2).reshape(n * lq, heads, dim)
-        outs.append(og if qreal.numel() == n * lq else og.index_select(0, qreal))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out if inv is None else out.index_select(0, inv)
+    for (qg, kg, vg), (n, lq, lk, mask) in zip(qkv, plan.groups):
+        og = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2),
+                                            attn_mask=mask, scale=scale)  # (n, H, lq, D), stored (n, lq, H, D)
+        outs.append(og.transpose(1, 2).reshape(n * lq * heads, dim))
+    flat = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return flat.index_select(0, plan.out_idx).view(q.shape[0], heads, dim)
 
 
 def _cpu_sdpa_path(q: Tensor, dropout_p: float, q_pack: Pack, k_pack: Pack) -> bool:
@@ -297,7 +325,7 @@ def _cpu_sdpa_path(q: Tensor, dropout_p: float, q_pack: Pack, k_pack: Pack) -> b
 
 
 def packed_attention(q: Tensor, k: Tensor, v: Tensor, q_pack: Pack, k_pack: Pack, *, dropout_p: float,
-                     scale: float, seed: int, offset: int) -> Tensor:
+                     scale: float, seed: int, offset: int, fused: Optional[Tensor] = None) -> Tensor:
     """Varlen self-attention of packed sequences: the model's single attention call site.
 
     Args:
@@ -305,6 +333,10 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, q_pack: Pack, k_pack: Pack
         k, v: ``(Tk, H, D)`` laid out by ``k_pack``.
         dropout_p: attention-probability dropout (0 in eval).
         scale: softmax scale. seed, offset: Philox key / counter offset of the dropout mask.
+        fused: optional hint: the 2-D projection output ``q``/``k``/``v`` are views of,
+            ``(Tk, 3 * H * D)`` (columns q | k | v, self-attention) or ``(Tk, 2 * H * D)``
+            (k | v). An implementation may read it instead (fewer gathers); results are
+            the same either way.
 
     Returns ``(Tq, H, D)`` in ``q``'s dtype.
 
@@ -315,7 +347,7 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, q_pack: Pack, k_pack: Pack
     computes little padding at a handful of calls.
     """
     if _cpu_sdpa_path(q, dropout_p, q_pack, k_pack):
-        return _sdpa_bucketed(q, k, v, q_pack, k_pack, scale)
+        return _sdpa_bucketed(q, k, v, q_pack, k_pack, scale, fused)
     return attention_varlen(q, k, v, q_pack.cu_seqlens, k_pack.cu_seqlens, q_pack.max_seqlen, k_pack.max_seqlen,
                             dropout_p=dropout_p, softmax_scale=scale, dropout_seed=seed if dropout_p > 0 else None,
                             dropout_offset=offset)
@@ -409,16 +441,19 @@ def layer_forward(layer: torch.nn.Module, x: Tensor, pack: Pack, spec, seed: int
     t = x.shape[0]
     if q_rows is None:
         w, b = _fused_params((sa.query, sa.key, sa.value))
-        q, k, v = F.linear(x, w, b).view(t, 3, heads, dim).unbind(1)
+        fused = F.linear(x, w, b)
+        q, k, v = fused.view(t, 3, heads, dim).unbind(1)
         resid = x
         q_pack = pack
     else:
         w, b = _fused_params((sa.key, sa.value))
-        k, v = F.linear(x, w, b).view(t, 2, heads, dim).unbind(1)
+        fused = F.linear(x, w, b)
+        k, v = fused.view(t, 2, heads, dim).unbind(1)
         resid = x.index_select(0, q_rows)
         q = F.linear(resid, sa.query.weight, sa.query.bias).view(-1, heads, dim)
     p_attn = sa.dropout.p if sa.training else 0.0
-    ctx = packed_attention(q, k, v, q_pack, pack, dropout_p=p_attn, scale=spec.scale, seed=seed, offset=offset)
+    ctx = packed_attention(q, k, v, q_pack, pack, dropout_p=p_attn, scale=spec.scale, seed=seed, offset=offset,
+                           fused=fused)
     so = att.output
     a = _drop(F.linear(ctx.reshape(-1, hid), so.dense.weight, so.dense.bias), so.dropout)
     y = layer_norm(resid, so.LayerNorm.weight, so.LayerNorm.bias, so.LayerNorm.eps, residual=a)[0]

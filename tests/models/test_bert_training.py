@@ -18,14 +18,14 @@ def reviews():
     return split_dataset(_reviews(), test_size=1000, val_size=1000, seed=0)
 
 
-def _train(model, data, steps, bs, lr=5e-5, seed=0):
+def _train(model, data, steps, bs, lr=5e-5, seed=0, max_length=64):
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     losses = []
     for i in range(steps):
         b = data[i * bs:(i + 1) * bs]
-        out = model(**encode(b, max_length=64), labels=torch.tensor([x.label for x in b]))
+        out = model(**encode(b, max_length=max_length), labels=torch.tensor([x.label for x in b]))
         out.loss.backward()
         opt.step()
         opt.zero_grad()
@@ -33,15 +33,18 @@ def _train(model, data, steps, bs, lr=5e-5, seed=0):
     return losses
 
 
-def _accuracy(model, data):
+def _evaluate(model, data, max_length=64):
+    """(accuracy, mean loss) in eval mode."""
     model.eval()
-    correct = 0
+    correct, loss = 0, 0.0
     with torch.no_grad():
         for i in range(0, len(data), 100):
             b = data[i:i + 100]
-            pred = model(**encode(b, max_length=64)).logits.argmax(-1)
-            correct += int((pred == torch.tensor([x.label for x in b])).sum())
-    return correct / len(data)
+            y = torch.tensor([x.label for x in b])
+            out = model(**encode(b, max_length=max_length), labels=y)
+            correct += int((out.logits.argmax(-1) == y).sum())
+            loss += out.loss.item() * len(b)
+    return correct / len(data), loss / len(data)
 
 
 def test_fifty_step_finetune_follows_stock_loss_curve(reviews):
@@ -54,23 +57,24 @@ def test_fifty_step_finetune_follows_stock_loss_curve(reviews):
     got = _train(model, train, steps=50, bs=4)
     diffs = [abs(a - b) for a, b in zip(got, ref)]
     assert max(diffs[:10]) < 1e-5 and max(diffs) < 1e-3, diffs
-    val = encode(reviews["validation"][:16], max_length=64)
+    val = encode(reviews["validation"][:16], max_length=64)  # the fine-tuned models agree on unseen text
     with torch.no_grad():
         assert rel(model.eval()(**val).logits, stock.eval()(**val).logits) < 1e-3
 
 
 def test_dropout_on_trains_like_stock(reviews):
-    # attention dropout (Philox) and hidden dropout on: a different random stream from stock's,
-    # so loss and accuracy agree within noise, not exactly
+    # hidden dropout and the Philox attention dropout on: a different random stream from stock's,
+    # so validation loss and accuracy agree within noise, not exactly. One pass over 384 reviews.
     stock, model = pair("AutoModelForSequenceClassification", num_labels=2)
     turbotune.optimize(model)
-    train, val = reviews["train"][:240], reviews["validation"][:400]
-    ref = _train(stock, train, steps=30, bs=8, lr=8e-5)
-    got = _train(model, train, steps=30, bs=8, lr=8e-5)
-    acc_ref, acc = _accuracy(stock, val), _accuracy(model, val)
-    assert acc_ref > 0.6 and acc > 0.6, (acc_ref, acc)
-    assert abs(acc - acc_ref) < 0.08, (acc, acc_ref)  # ~3.5 sigma for 400 examples
-    assert abs(sum(got[-10:]) - sum(ref[-10:])) / 10 < 0.12, (got[-10:], ref[-10:])
+    train, val = reviews["train"][:384], reviews["validation"][:300]
+    ref = _train(stock, train, steps=24, bs=16, lr=1e-4, max_length=48)
+    got = _train(model, train, steps=24, bs=16, lr=1e-4, max_length=48)
+    (acc_ref, loss_ref), (acc, loss) = _evaluate(stock, val, 48), _evaluate(model, val, 48)
+    assert acc_ref > 0.65 and acc > 0.65, (acc_ref, acc)  # both learn (chance: 0.5)
+    assert abs(acc - acc_ref) < 0.08, (acc, acc_ref)  # ~3 sigma of 300 examples
+    assert abs(loss - loss_ref) < 0.06, (loss, loss_ref)
+    assert sum(got[-8:]) < sum(got[:8]) and sum(ref[-8:]) < sum(ref[:8])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -48,7 +48,7 @@ from typing import List, Optional, Union
 import torch
 
 from ..dispatch import OptimizeHandle, register_path
-from .forward import STATE_ATTR, TurbotuneFallbackWarning, install
+from .forward import TurbotuneFallbackWarning, install
 from .layout import base_model, head_kind, make_spec, unsupported_config
 from .packed import bias_gelu, cross_entropy, packed_attention
 

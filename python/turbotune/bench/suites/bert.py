@@ -115,9 +115,10 @@ def _train_fn(model, bs: List[dict], opt, autocast: Optional[torch.dtype] = None
     return fn
 
 
-def providers(mode: str, bs: List[dict], dtype: str = "fp32",
-              attention_dropout: Optional[float] = None) -> Dict[str, Callable[[], None]]:
-    """``{provider: fn}`` for one configuration; built lazily by the caller (models are ~90 MB)."""
+def providers(mode: str, bs: List[dict], dtype: str = "fp32", attention_dropout: Optional[float] = None,
+              onnx: bool = True) -> Dict[str, Callable[[], None]]:
+    """``{provider: fn}`` for one configuration; built lazily by the caller (models are ~90 MB).
+    ``onnx``: add ONNX Runtime for fp32 inference when the ``onnx`` extra is installed."""
     import turbotune
     from turbotune.optim import AdamW
 
@@ -138,7 +139,7 @@ def providers(mode: str, bs: List[dict], dtype: str = "fp32",
     turbotune.optimize(m, dtype=torch.bfloat16 if bf16 else None)
     name = "turbotune-bf16" if bf16 else "turbotune"
     out[name] = _infer_fn(m, bs) if mode == "infer" else _train_fn(m, bs, AdamW(m.parameters(), lr=2e-5))
-    if mode == "infer" and not bf16:
+    if mode == "infer" and not bf16 and onnx:
         ort = onnxruntime_fn(bs)
         if ort is not None:
             out["onnxruntime"] = ort
@@ -223,7 +224,7 @@ def bert_suite(quick: bool, device: torch.device) -> Iterable[Case]:
     if device.type != "cpu":
         return  # the GPU numbers come from scripts/gpu_check.sh (BERT-base bf16)
     n = 1 if quick else 3
-    configs = CONFIGS[:2] if quick else CONFIGS
+    configs = [("infer", "fp32", None), ("train", "fp32", 0.0)] if quick else CONFIGS
     for padding in ("max_length", "longest"):
         bs, limit = batches(n, padding)
         pad = "128" if padding == "max_length" else "longest"
@@ -234,12 +235,12 @@ def bert_suite(quick: bool, device: torch.device) -> Iterable[Case]:
             def get(name, mode=mode, dtype=dtype, attn_drop=attn_drop, holder=holder, bs=bs):
                 if "fns" not in holder:
                     holder.clear()
-                    holder["fns"] = providers(mode, bs, dtype, attn_drop)
+                    holder["fns"] = providers(mode, bs, dtype, attn_drop, onnx=not quick)
                 return holder["fns"][name]
 
             names = ["hf-sdpa", "hf-eager"] + (["hf-sdpa+autocast-bf16", "turbotune-bf16"] if dtype == "bf16"
                                                else ["turbotune"])
-            if mode == "infer" and dtype == "fp32" and onnxruntime_available():
+            if mode == "infer" and dtype == "fp32" and not quick and onnxruntime_available():
                 names.append("onnxruntime")
             for name in names:
                 yield Case(op="minilm", provider=name, mode=label, shape=f"B={BATCH} pad={pad} L={limit:.2f}",

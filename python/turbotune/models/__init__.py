@@ -11,6 +11,7 @@ Nothing here touches transformers at import time.
 from .hf_attention import is_registered as hf_attention_registered
 from .hf_attention import register as register_hf_attention
 from .dispatch import OptimizeHandle, optimize, register_path, registered_paths
+from . import bert  # noqa: E402,F401  registers the "bert" path of optimize()
 
 __all__ = ["optimize", "OptimizeHandle", "register_path", "registered_paths", "register_hf_attention",
            "hf_attention_registered"]

@@ -11,9 +11,10 @@ Nothing here touches transformers at import time.
 from .hf_attention import is_registered as hf_attention_registered
 from .hf_attention import register as register_hf_attention
 from .dispatch import OptimizeHandle, optimize, register_path, registered_paths
-from . import bert  # noqa: E402,F401  registers the "bert" path of optimize()
 
 __all__ = ["optimize", "OptimizeHandle", "register_path", "registered_paths", "register_hf_attention",
            "hf_attention_registered"]
 
-from . import cnn  # noqa: E402,F401  registers the "cnn" path of optimize()
+# Model paths register themselves with optimize(), in dispatch order: BERT family first, then conv nets.
+from . import bert  # noqa: E402,F401
+from . import cnn  # noqa: E402,F401

@@ -59,8 +59,8 @@ HEAVIEST = Features(True, True, True, True, True)
 # --------------------------------------------------------------------------- configurations
 
 # Candidates per kernel kind, before pruning (GPU). "fwd": forward; "bwd": dK/dV (+ atomic dQ)
-# kernel; "dq": the deterministic dQ kernel. Small tiles close each list so that large head dims,
-# fp32 and the heaviest feature sets always keep a config that fits.
+# kernel; "dq": the deterministic dQ kernel. Small tiles close each list so that the heaviest
+# feature sets always keep a config that fits. fp16/bf16 up to head dim 128:
 GPU_CONFIGS = {
     "fwd": [Config(*c) for c in [
         (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 3),
@@ -75,6 +75,26 @@ GPU_CONFIGS = {
         (16, 32, 4, 2), (16, 16, 4, 2),
     ]],
 }
+# fp16/bf16 at head dim 256: eight warps spread the (rows x 256) operands and accumulators.
+LARGE_D_CONFIGS = {
+    "fwd": [Config(*c) for c in [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2)]],
+    "bwd": [Config(*c) for c in [(32, 32, 8, 2), (16, 32, 8, 2), (16, 16, 8, 2)]],
+    "dq": [Config(*c) for c in [(32, 32, 8, 2), (16, 32, 8, 2), (16, 16, 8, 2)]],
+}
+# fp32 (3xTF32 dots: each register operand is split in two, each product takes three MMAs).
+FP32_CONFIGS = {
+    "fwd": [Config(*c) for c in [(32, 32, 4, 2), (16, 32, 4, 2), (16, 32, 8, 2)]],
+    "bwd": [Config(*c) for c in [(16, 32, 8, 2), (16, 16, 4, 2), (16, 16, 8, 2)]],
+    "dq": [Config(*c) for c in [(32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)]],
+}
+
+
+def config_list(kind: str, block_d: int, elt: int) -> List[Config]:
+    """The candidates before pruning for a kernel, dtype size and (padded) head dim."""
+    if elt == 4:
+        return FP32_CONFIGS[kind]
+    return LARGE_D_CONFIGS[kind] if block_d > 128 else GPU_CONFIGS[kind]
+
 
 # The Triton interpreter: one candidate per kind, deliberately NOT the fixed config below
 # (non-square, BLOCK_M != BLOCK_N), so that the test of autotuned vs fixed configs compares
@@ -121,7 +141,7 @@ def acc_regs_estimate(kind: str, cfg: Config, block_d: int, elt: int, feats: Fea
         acc, ops = bm * block_d, bn * block_d
     else:
         raise ValueError(f"unknown kernel kind {kind!r}")
-    ops = 4 * ops if elt == 4 else 0
+    ops = 4 * ops if elt == 4 else ops  # operand tiles held in registers (fp32: split hi/lo parts)
     return per_score * bm * bn / threads + (acc + ops) / threads + 20 * max(0, cfg.num_stages - 2)
 
 
@@ -136,18 +156,19 @@ def candidates(kind: str, block_d: int, elt: int, interpreter: bool, feats: Feat
     """The configs autotuning tries for one kernel: the GPU list pruned by the estimates above."""
     if interpreter:
         return list(INTERPRETER_CONFIGS[kind])
-    keep = [c for c in GPU_CONFIGS[kind] if fits(kind, c, block_d, elt, feats, smem_limit)]
-    return keep or [GPU_CONFIGS[kind][-1]]
+    configs = config_list(kind, block_d, elt)
+    keep = [c for c in configs if fits(kind, c, block_d, elt, feats, smem_limit)]
+    return keep or [min(configs, key=lambda c: acc_regs_estimate(kind, c, block_d, elt, feats))]
 
 
 def fixed_config(kind: str, block_d: int, elt: int, interpreter: bool, feats: Features = HEAVIEST) -> Config:
-    """The one config used when autotuning is off (``TURBOTUNE_AUTOTUNE=0``): the first of a
-    short ladder that fits, so it is valid for every head dim, dtype and feature set."""
+    """The one config used when autotuning is off (``TURBOTUNE_AUTOTUNE=0``): the first
+    candidate of a moderate size (at most 64 x 64) that fits, so it suits every head dim,
+    dtype and feature set and compiles quickly."""
     if interpreter:
         return INTERPRETER_FIXED
-    ladder = [Config(64, 64, 4, 2), Config(64, 32, 4, 2), Config(32, 64, 4, 2), Config(32, 32, 4, 2),
-              Config(16, 32, 4, 2), Config(16, 16, 4, 2)]
-    return next((c for c in ladder if fits(kind, c, block_d, elt, feats)), ladder[-1])
+    cands = candidates(kind, block_d, elt, False, feats)
+    return next((c for c in cands if c.block_m * c.block_n <= 64 * 64), cands[-1])
 
 
 # --------------------------------------------------------------------------- kernels

@@ -10,9 +10,10 @@ Each kernel is compiled with the arguments :mod:`turbotune.ops.attention.launch`
 pointer alignment), per feature variant (``heavy``: padding mask, bias and its gradient,
 causal, dropout; ``train``: mask and dropout; ``plain``: none), for every autotuning
 candidate that variant keeps at each head dim. One JSON line per kernel: ``variant, kind,
-dtype, d, cfg, shared`` (compile metadata, bytes) and ``reg``/``stack``/``local``
-(``cuobjdump -res-usage``, Triton's bundled copy; spills live in the stack frame). Exit
-status 1 when any config exceeds the shared memory of sm_90 or spills.
+dtype, d, cfg, shared`` (compile metadata, bytes), ``reg``/``stack``/``local``
+(``cuobjdump -res-usage``, Triton's bundled copy) and ``spill_bytes`` (``ptxas -v`` spill
+stores, when the stack frame is not empty). Exit status 1 when any config exceeds the shared
+memory of sm_90 or spills more than :data:`SPILL_TOLERANCE` bytes.
 """
 from __future__ import annotations
 
@@ -54,19 +55,33 @@ def compile_kernel(fn, args, kwargs):
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
 
 
-def res_usage(cubin: bytes):
+def res_usage(ck):
+    """Registers and stack frame from ``cuobjdump -res-usage`` on the cubin; when the frame is not
+    empty, the spill stores from ``ptxas -v`` (Triton's bundled ptxas, run on the kernel's PTX)."""
     tool = _tool("cuobjdump")
     if tool is None:
         return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-        path = f.name
-    try:
-        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, timeout=60).stdout
-    finally:
-        os.unlink(path)
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    return dict(reg=int(m[1]), stack=int(m[2]), local=int(m[4])) if m else {"res_usage": out[-300:]}
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(ck.asm["cubin"])
+        out = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, timeout=120).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+        if not m:
+            return {"res_usage": out[-300:]}
+        row = dict(reg=int(m[1]), stack=int(m[2]), local=int(m[4]), spill_bytes=0)
+        ptxas = _tool("ptxas")
+        if row["stack"] and ptxas:
+            ptx = os.path.join(tmp, "k.ptx")
+            with open(ptx, "w") as f:
+                f.write(ck.asm["ptx"])
+            log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o", ptx + ".o"], capture_output=True,
+                                 text=True, timeout=600).stderr
+            sp = re.search(r"(\d+) bytes spill stores", log)
+            row["spill_bytes"] = int(sp[1]) if sp else row["stack"]
+        elif row["stack"]:
+            row["spill_bytes"] = row["stack"]
+        return row
 
 
 def _inputs(dtype, d, b=2, h=2, lq=192, lk=160):
@@ -151,7 +166,7 @@ def run_task(task):
     return dict(variant=variant, kind=kind, dtype=dname, d=d, cfg=list(cfg), shared=ck.metadata.shared,
                 limit=K.SM90_SMEM, smem_est=K.smem_estimate(kind, cfg, bd, elt),
                 regs_est=round(K.acc_regs_estimate(kind, cfg, bd, elt, features(VARIANTS[variant]))),
-                sec=round(time.time() - t0, 1), **res_usage(ck.asm["cubin"]))
+                sec=round(time.time() - t0, 1), **res_usage(ck))
 
 
 def main(argv=None) -> int:
@@ -192,8 +207,14 @@ def main(argv=None) -> int:
     return 1 if bad else 0
 
 
+# ptxas occasionally spills one register (4-8 bytes) of kernels that use well under 128 registers:
+# an allocation quirk, not register pressure (the spills that matter are kilobytes). Tolerated.
+SPILL_TOLERANCE = 8
+
+
 def over_budget(row) -> bool:
-    return row["shared"] > row["limit"] or row.get("stack", 0) > 0 or row.get("local", 0) > 0
+    return (row["shared"] > row["limit"] or row.get("spill_bytes", 0) > SPILL_TOLERANCE
+            or row.get("local", 0) > 0)
 
 
 def known_spill(row) -> bool:

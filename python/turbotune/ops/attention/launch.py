@@ -184,7 +184,7 @@ def forward(q, k, v, mask, bias, dropout_p, causal, scale, seed, offset, *, cu_q
     kv_len = torch.empty(lay.batch if mask is not None else 0, dtype=torch.int32, device=q.device)
     if lay.empty() or lay.lk == 0 or lay.total_k == 0:
         out.zero_()
-        return _restride(out, like), lse.fill_(float("-inf")), kv_len.zero_()
+        return as_like(out, like), lse.fill_(float("-inf")), kv_len.zero_()
     mask_t, mask_s = _mask_args(mask, lse)  # unused pointer arguments get a live tensor
     bias_t, bias_s = _bias_args(bias, (lay.batch, lay.heads, lay.lq, lay.lk), lse)
     threshold, dscale, seed_lo, seed_hi, off = _rng_args(dropout_p, seed, offset)
@@ -207,15 +207,16 @@ def forward(q, k, v, mask, bias, dropout_p, causal, scale, seed, offset, *, cu_q
     key = (q.dtype, lay.d, lay.varlen, feats, _bucket(lay.lq), _bucket(lay.lk), q.device)
     with _device(q):
         run(_pick("fwd", key, bd, _elt(q.dtype), feats, q.device, run))
-    return _restride(out, like), lse, kv_len
+    return as_like(out, like), lse, kv_len
 
 
-def _restride(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` with ``like``'s strides (a copy only when ``like`` had a non-unit last stride)."""
+def as_like(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` with the layout the fake implementations promise (``torch.empty_like(like)``):
+    ``t`` itself when it has it, else a copy."""
     if t.stride() == like.stride() or t.numel() == 0:
         return t
     res = torch.empty_like(like)
-    return res.copy_(t) if res.stride() != t.stride() else t
+    return t if res.stride() == t.stride() else res.copy_(t)
 
 
 def _delta_views(lay: _Layout, t: Tensor) -> Tensor:
@@ -245,7 +246,7 @@ def backward(dout, q, k, v, out, lse, kv_len, mask, bias, dropout_p, causal, sca
     if lay.empty() or lay.lk == 0 or lay.total_k == 0:
         dq = _like_inner(like[0]).zero_()
         dbias = torch.zeros(bias.shape, dtype=bias.dtype, device=q.device) if want_dbias else None
-        return (_restride(dq, like[0]), _restride(dk.zero_(), like[1]), _restride(dv.zero_(), like[2]), dbias)
+        return (as_like(dq, like[0]), as_like(dk.zero_(), like[1]), as_like(dv.zero_(), like[2]), dbias)
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     delta = torch.empty_like(lse)
     mask_t, mask_s = _mask_args(mask, lse)
@@ -322,7 +323,7 @@ def backward(dout, q, k, v, out, lse, kv_len, mask, bias, dropout_p, causal, sca
     dbias = None
     if want_dbias:
         dbias = (g if g.shape == bias.shape else g.sum_to_size(bias.shape)).to(bias.dtype)
-    return _restride(dq, like[0]), _restride(dk, like[1]), _restride(dv, like[2]), dbias
+    return as_like(dq, like[0]), as_like(dk, like[1]), as_like(dv, like[2]), dbias
 
 
 def dropout_mask(batch: int, heads: int, lq: int, lk: int, p: float, seed: int, offset: int,

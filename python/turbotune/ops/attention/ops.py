@@ -14,7 +14,8 @@ from torch import Tensor
 
 from ... import backend
 from .._op import FusedOp
-from . import cpu
+from . import cpu, launch
+from .launch import as_like
 
 MAX_HEAD_DIM = 256  # the Triton kernels handle 1..256 (padded to a power of two >= 16)
 
@@ -22,14 +23,6 @@ MAX_HEAD_DIM = 256  # the Triton kernels handle 1..256 (padded to a power of two
 def _inner(t: Tensor) -> Tensor:
     """The kernels take any strides, but need a unit-stride head dim."""
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _as_like(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` with the layout the fake implementation promises (``empty_like(like)``)."""
-    if t.stride() == like.stride() or t.numel() == 0:
-        return t
-    res = torch.empty_like(like)
-    return t if res.stride() == t.stride() else res.copy_(t)
 
 
 def _kv_len(mask: Optional[Tensor], device) -> Tensor:
@@ -60,13 +53,11 @@ def _attention_fwd_impl(
     kv_len int32 ``(B,)`` with a mask (saved for the backward), else empty."""
     path = _path(q, k, dropout_p=dropout_p, attn_bias=attn_bias, bias_grad=False, varlen=False)
     if path == backend.TRITON:
-        from . import launch
-
         return launch.forward(_inner(q), _inner(k), _inner(v), attention_mask, attn_bias, dropout_p, causal,
                               softmax_scale, seed, offset, out_like=q)
     out, lse = cpu.implementation(path).forward(q, k, v, attention_mask, attn_bias, dropout_p, causal,
                                                 softmax_scale, seed, offset)
-    return _as_like(out, q), lse.contiguous(), _kv_len(attention_mask, q.device)
+    return as_like(out, q), lse.contiguous(), _kv_len(attention_mask, q.device)
 
 
 def _attention_fwd_fake(q, k, v, attention_mask, attn_bias, dropout_p, causal, softmax_scale, seed, offset,
@@ -86,8 +77,6 @@ def _attention_bwd_impl(
     bias_grad = bias_grad and attn_bias is not None
     path = _path(q, k, dropout_p=dropout_p, attn_bias=attn_bias, bias_grad=bias_grad, varlen=False)
     if path == backend.TRITON:
-        from . import launch
-
         dq, dk, dv, dbias = launch.backward(
             dout, _inner(q), _inner(k), _inner(v), _inner(out), lse, kv_len, attention_mask, attn_bias, dropout_p,
             causal, softmax_scale, seed, offset, deterministic=deterministic, bias_grad=bias_grad,
@@ -96,7 +85,7 @@ def _attention_bwd_impl(
         dq, dk, dv, dbias = cpu.implementation(path).backward(
             dout, q, k, v, out, lse, attention_mask, attn_bias, dropout_p, causal, softmax_scale, seed, offset,
             bias_grad=bias_grad)
-        dq, dk, dv = _as_like(dq, q), _as_like(dk, k), _as_like(dv, v)
+        dq, dk, dv = as_like(dq, q), as_like(dk, k), as_like(dv, v)
     if bias_grad:
         if dbias is None:  # a path that cannot compute the bias gradient must not drop it
             raise RuntimeError(f"turbotune attention: the {path} path returned no attn_bias gradient")
@@ -145,8 +134,6 @@ def _attention_varlen_fwd_impl(
     """Returns ``(out, lse)``: out like ``q`` ``(total_q, H, D)``, lse fp32 ``(H, total_q)``."""
     path = _path(q, k, dropout_p=dropout_p, attn_bias=None, bias_grad=False, varlen=True)
     if path == backend.TRITON:
-        from . import launch
-
         out, lse, _ = launch.forward(_inner(q), _inner(k), _inner(v), None, None, dropout_p, causal, softmax_scale,
                                      seed, offset, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k, max_q=max_seqlen_q,
                                      max_k=max_seqlen_k, out_like=q)
@@ -170,8 +157,6 @@ def _attention_varlen_bwd_impl(
     """Returns ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v``."""
     path = _path(q, k, dropout_p=dropout_p, attn_bias=None, bias_grad=False, varlen=True)
     if path == backend.TRITON:
-        from . import launch
-
         dq, dk, dv, _ = launch.backward(
             dout, _inner(q), _inner(k), _inner(v), _inner(out), lse, None, None, None, dropout_p, causal,
             softmax_scale, seed, offset, deterministic=deterministic, bias_grad=False, cu_q=cu_seqlens_q,

@@ -199,13 +199,8 @@ def attention_ref(
     (``(B, H, Lq, Lk)`` bool, True = keep) when given.
     """
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    cd = compute_dtype(q.dtype)
-    p, _ = probs(q, k, attention_mask, attn_bias, causal, scale)
-    b, h, lq, lk = p.shape
-    keep = dense_keep(b, h, lq, lk, dropout_p, dropout_seed, dropout_offset, q.device, dropout_mask)
-    if keep is not None:
-        p = p * keep / (1.0 - dropout_p)
-    return torch.matmul(p, v.to(cd)).to(q.dtype)
+    return forward(q, k, v, attention_mask, attn_bias, dropout_p, causal, scale, dropout_seed, dropout_offset,
+                   dropout_mask)[0]
 
 
 def attention_varlen_ref(

@@ -29,7 +29,7 @@ def interleaved(length: int = 128, rounds: int = 15, mode: str = "fwd+bwd"):
     from turbotune.bench.suites.attention import attention_suite
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    providers = ("torch", "eager", "turbotune", "turbotune-varlen")
+    providers = ("torch", "eager", "turbotune", "turbotune-det", "turbotune-varlen")
     groups = {}
     for c in attention_suite(False, device):
         if c.mode == mode and f"L{length} " in c.shape and c.provider in providers:

@@ -59,9 +59,21 @@ def numel(shapes) -> int:
 
 
 class _Slot:
-    """Only one optimizer (and its state) alive at a time: BERT-base state is ~0.9 GB each."""
+    """Only one configuration's optimizers (and their state) alive at a time: BERT-base state is ~0.9 GB
+    per optimizer. The harness times the providers of a configuration round-robin, so they coexist."""
 
-    current = None
+    group = None
+    holders: list = []
+
+    @classmethod
+    def enter(cls, group, holder) -> None:
+        if cls.group != group:
+            for h in cls.holders:
+                h.clear()
+            cls.holders = []
+            cls.group = group
+            gc.collect()
+        cls.holders.append(holder)
 
 
 def _params(shapes, dtype, device, seed=0):
@@ -74,36 +86,30 @@ def _params(shapes, dtype, device, seed=0):
     return ps
 
 
-def _lazy_step(make: Callable[[], torch.optim.Optimizer]) -> Callable[[], None]:
+def _lazy_step(make: Callable[[], torch.optim.Optimizer], group=None) -> Callable[[], None]:
     holder = {}
 
     def fn():
         opt = holder.get("opt")
         if opt is None:
-            if _Slot.current is not None:
-                _Slot.current.clear()
-                gc.collect()
+            _Slot.enter(group, holder)
             opt = make()
             holder["opt"] = opt
-            _Slot.current = holder
         opt.step()
 
     return fn
 
 
-def _lazy_copy(n: int, device: torch.device) -> Callable[[], None]:
+def _lazy_copy(n: int, device: torch.device, group=None) -> Callable[[], None]:
     holder = {}
 
     def fn():
         bufs = holder.get("bufs")
         if bufs is None:
-            if _Slot.current is not None:
-                _Slot.current.clear()
-                gc.collect()
+            _Slot.enter(group, holder)
             k = 7 * n // 2  # fp32 elements in 14 B/param
             bufs = (torch.ones(k, device=device), torch.empty(k, device=device))
             holder["bufs"] = bufs
-            _Slot.current = holder
         bufs[1].copy_(bufs[0])
 
     return fn
@@ -155,7 +161,7 @@ def optim_suite(quick: bool, device: torch.device) -> Iterable[Case]:
                     shape=f"{model} ({n / 1e6:.1f}M params, {len(shapes)} tensors)",
                     dtype=dtype_name,
                     device=str(device.type),
-                    fn=_lazy_step(lambda make=make, params=params: make(params())),
+                    fn=_lazy_step(lambda make=make, params=params: make(params()), group=(model, dtype_name)),
                     baseline=baseline,
                     work={"bytes": float(traffic)},
                 )
@@ -168,7 +174,7 @@ def optim_suite(quick: bool, device: torch.device) -> Iterable[Case]:
                     shape=f"{model} ({n / 1e6:.1f}M params, {len(shapes)} tensors)",
                     dtype=dtype_name,
                     device=str(device.type),
-                    fn=_lazy_copy(n, device),
+                    fn=_lazy_copy(n, device, group=(model, dtype_name)),
                     baseline=False,
                     work={"bytes": float(28 * n)},
                 )

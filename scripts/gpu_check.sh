@@ -46,6 +46,10 @@ test_rc=$?
 echo "tests rc=$test_rc in $(( $(date +%s) - t0 ))s: $(tail -1 "$OUT/tests.log")" | tee -a "$OUT/summary.txt"
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 | tee -a "$OUT/summary.txt"
 
+step "product GPU tests (finetune / bench timing on CUDA)"
+timeout 120 $PY -m pytest tests/cli tests/bench -m gpu -q -p no:cacheprovider > "$OUT/tests_product.log" 2>&1
+echo "product gpu tests rc=$?: $(tail -1 "$OUT/tests_product.log")" | tee -a "$OUT/summary.txt"
+
 step "turbotune bench --quick"
 t0=$(date +%s)
 (cd "$OUT" && timeout 120 $PY -m turbotune bench --quick --no-progress --out "$OUT/bench") > "$OUT/bench.log" 2>&1

@@ -126,8 +126,47 @@ def _fail(cmd: str, exc: BaseException) -> int:
     return 1
 
 
+def _image_options(fn, opts: dict) -> dict:
+    """Map the CLI's options onto the image task's keyword arguments (those it accepts)."""
+    import inspect
+
+    import torch
+
+    from turbotune.training import resolve_dtype
+
+    params = inspect.signature(fn).parameters
+    out = {}
+    if "quiet" in opts and "quiet" not in params:
+        out["progress"] = not opts.pop("quiet")
+    if "dtype" in opts:
+        dtype, _ = resolve_dtype(opts.pop("dtype"), torch.device(opts.get("device") or "cpu"))
+        out["dtype"] = None if dtype == torch.float32 else dtype
+    if "threads" in opts and "threads" not in params:
+        torch.set_num_threads(opts.pop("threads"))
+    if "limit_train" in opts and "limit" in params:
+        out["limit"] = opts.pop("limit_train")
+    for k, v in opts.items():
+        if k not in params:
+            raise ValueError(f"--task image does not take --{k.replace('_', '-')}")
+        out[k] = v
+    return out
+
+
+def _print_task_result(result) -> None:
+    if not isinstance(result, dict):
+        return
+    acc = result.get("test_accuracy")
+    line = f"test accuracy: {acc:.4f}" if isinstance(acc, float) else ""
+    if "train_seconds" in result:
+        line += f", training {result['train_seconds']:.1f} s"
+    if result.get("speedup_vs_stock"):
+        line += f", speed-up vs stock: {result['speedup_vs_stock']:.2f}x"
+    if line:
+        print(line)
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    import turbotune
+    from turbotune.tasks import task_function
 
     opts = {k: v for k, v in vars(args).items() if k not in ("func", "command", "task")}
     if opts.pop("no_group_by_length", False):
@@ -135,10 +174,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if opts.get("max_grad_norm") == 0:
         opts["max_grad_norm"] = None
     try:
-        turbotune.finetune(args.task, **opts)
+        fn = task_function(args.task)
+        if args.task == "image":
+            quiet = opts.get("quiet", False)
+            result = fn(**_image_options(fn, opts))
+            if not quiet:
+                _print_task_result(result)
+        else:
+            fn(**opts)
     except _user_errors() as exc:
-        if isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc):
-            return _fail("finetune", ValueError(f"--task {args.task} does not take that option ({exc})"))
         return _fail("finetune", exc)
     return 0
 

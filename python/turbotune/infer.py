@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -33,7 +32,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 
 from .tasks.text import _quiet_transformers, check_model_dir, detect_format, get_text, load_tokenizer, read_records
-from .training import DataError, ModelDirError, _umask, apply_optimize, resolve_dtype
+from .training import DataError, ModelDirError, apply_optimize, atomic_file, resolve_dtype
 
 __all__ = ["Predictor", "infer_file", "InferStats"]
 
@@ -205,18 +204,13 @@ def infer_file(model: Optional[str], input: str, output: str, *, text_column: st
     check_columns(input, fmt, [c for c in (text_column, text_pair_column, id_column) if c])
     p = predictor or Predictor(model, mode=mode, device=device, dtype=dtype, max_length=max_length,
                                normalize=normalize)
-    out_dir = os.path.dirname(os.path.abspath(output))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix="-" + os.path.basename(output))
-    os.chmod(tmp, 0o666 & ~_umask())
     records = tokens = 0
-    bar = None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=f"infer ({p.mode})", unit="rec", disable=quiet, leave=False, file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc=f"infer ({p.mode})", unit="rec", disable=quiet, leave=False, file=sys.stderr)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        with atomic_file(output) as f:
             for chunk in _chunks(input, fmt, text_column, text_pair_column, id_column, chunk_size):
                 order = sorted(range(len(chunk)), key=lambda i: len(chunk[i][0]) + len(chunk[i][1] or ""))
                 results: List[Optional[dict]] = [None] * len(chunk)
@@ -235,16 +229,8 @@ def infer_file(model: Optional[str], input: str, output: str, *, text_column: st
                     line.update(r)
                     f.write(json.dumps(line, ensure_ascii=False) + "\n")
                 records += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     stats = InferStats(records, tokens, time.perf_counter() - t0, p.mode, output)
     if not quiet:
         print(stats.summary(), file=sys.stderr)

@@ -37,7 +37,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ __all__ = [
     "FinetuneError", "DataError", "ModelDirError", "OutOfMemory",
     "bf16_support", "resolve_dtype", "Recipe", "RECIPES", "Dist", "dist_from_env", "init_distributed",
     "plan_batches", "shard", "classification_metrics", "Trainer", "EpochLog", "RunResult",
-    "atomic_dir", "atomic_write_text", "recover_dir", "check_output_dir", "launch", "peak_memory", "apply_optimize",
+    "atomic_dir", "atomic_file", "atomic_write_text", "recover_dir", "check_output_dir", "launch", "peak_memory", "apply_optimize",
 ]
 
 
@@ -443,9 +443,7 @@ class Trainer:
             confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
         stats = torch.cat([confusion.flatten().double(), loss.view(1)])
         if self.dist.world > 1:
-            stats = stats.to(self.device if self.device.type == "cuda" else "cpu")
-            _all_reduce_(stats, self.dist)
-            stats = stats.cpu()
+            stats = _all_reduce_(stats.to(self.device), self.dist).cpu()
         confusion = stats[:-1].round().long().view(num_labels, num_labels)
         self.module.train(was_training)
         return classification_metrics(confusion, float(stats[-1]))
@@ -464,13 +462,13 @@ class Trainer:
             batches = plan_batches(n_train, batch_size, seed=seed, epoch=epoch, lengths=lengths,
                                    group_by_length=group_by_length, min_size=self.dist.world)
             bar = _bar(sum(len(b) for b in batches), f"{desc} epoch {epoch}/{epochs}", show)
-            loss_total = torch.zeros((), dtype=torch.float64)
+            loss_total = torch.zeros((), dtype=torch.float64, device=self.device)  # no host sync per step
             seen = 0
             t0 = time.perf_counter()
             try:
                 for i, batch in enumerate(batches):
                     loss, count, _ = self.step(shard(batch, self.dist), len(batch))
-                    loss_total += loss.double().cpu() if loss.device.type != "cpu" else loss.double()
+                    loss_total += loss.double()
                     seen += count
                     bar.update(len(batch))
                     if show and (i % 10 == 0 or i == len(batches) - 1):
@@ -481,7 +479,8 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             train_s = time.perf_counter() - t0
-            stats = _all_reduce_(torch.tensor([float(loss_total), float(seen)], dtype=torch.float64), self.dist)
+            stats = _all_reduce_(torch.tensor([float(loss_total), float(seen)], dtype=torch.float64,
+                                              device=self.device), self.dist).cpu()  # nccl needs CUDA tensors
             t1 = time.perf_counter()
             metrics = evaluate()
             eval_s = time.perf_counter() - t1
@@ -583,15 +582,17 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """Yield a text file that becomes ``path`` (``os.replace``) only when the block completes; on an
+    exception the temporary file is removed and ``path`` keeps its previous content (or stays absent)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -599,6 +600,12 @@ def atomic_write_text(path: str, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def _renameat2_exchange(a: str, b: str) -> bool:

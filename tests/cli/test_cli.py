@@ -25,6 +25,13 @@ def test_bench_quick_writes_json_and_markdown(tmp_path, capsys):
     assert {r["provider"] for r in rows} == {"torch", "turbotune"}
     assert all(r["ratio_vs_torch"] > 0 for r in rows)
     assert (out_dir / "bench.md").read_text().startswith("# turbotune bench")
+    assert "## layer_norm" in printed and "| suite | turbotune configurations |" in printed
+    assert "providers timed paired" in printed
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out_dir / "speedup_ops.png").exists() and not (out_dir / "speedup_tasks.png").exists()
 
 
 def test_bench_unknown_suite(capsys):

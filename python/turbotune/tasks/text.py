@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import inspect
-import io
 import json
 import math
 import os
@@ -27,10 +26,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .. import data as _data
-from ..training import (RECIPES, DataError, Dist, FinetuneError, ModelDirError, OutOfMemory, RunResult, Trainer,
-                        atomic_dir, atomic_write_text, bf16_support, check_output_dir, dtype_name, format_table,
-                        human_seconds, init_distributed, launch, oom_error, peak_memory, plan_batches,
-                        resolve_dtype)
+from ..training import (RECIPES, DataError, Dist, FinetuneError, ModelDirError, RunResult, Trainer, atomic_dir,
+                        atomic_write_text, bf16_support, check_output_dir, dist_from_env, dtype_name, format_table,
+                        human_seconds, init_distributed, launch, oom_error, peak_memory, plan_batches, resolve_dtype)
 
 __all__ = ["finetune_text", "FinetuneResult", "TextData", "load_text_data", "read_records", "detect_format",
            "check_model_dir", "SUPPORTED_MODEL_TYPES", "DEFAULTS"]
@@ -550,8 +548,8 @@ def run_recipe(options: Dict[str, Any], recipe: str, save: bool) -> RunResult:
     """One complete run of ``recipe`` (in this process, or in each of the processes of a launch)."""
     t_start = time.perf_counter()
     opts = TextOptions(**options)
-    d = init_distributed(torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    device = _device(opts, d)
+    device = _device(opts, dist_from_env())  # picks (and sets) this process's GPU before joining the group
+    d = init_distributed(device)
     rec = RECIPES[recipe]
     dtype, _ = resolve_dtype(opts.dtype, device)
     if rec.name != "turbotune":
@@ -845,6 +843,9 @@ def finetune_text(*, train: Optional[str] = None, eval: Optional[str] = None, te
     in_launch = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
     runs: List[RunResult] = []
     probe = None
+    if in_launch and compare_stock:
+        raise ValueError("compare_stock: not available inside a torchrun launch; run `turbotune finetune --nproc N "
+                         "--compare-stock` on one machine instead")
     if in_launch:  # started by torchrun: this process is one worker of the turbotune run
         runs.append(run_recipe(options, "turbotune", save=bool(output)))
         if not torch.distributed.get_rank() == 0:

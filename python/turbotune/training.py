@@ -325,6 +325,8 @@ class EpochLog:
     eval_seconds: float
     validation: Dict[str, float]
     improved: bool = False
+    real_tokens: int = 0
+    padded_tokens: int = 0
 
 
 Collate = Callable[[List[int]], Tuple[Dict[str, torch.Tensor], torch.Tensor, int]]
@@ -395,6 +397,8 @@ class Trainer:
         self.optimizer = recipe.make_optimizer(_weight_decay_groups(self.module, weight_decay), lr, self.device)
         self.scheduler = linear_schedule(self.optimizer, warmup_steps, total_steps)
         self.steps = 0
+        self.real_tokens = 0  # summed over this process's steps
+        self.padded_tokens = 0  # the tokens the padded batches hold (what a padded model computes)
 
     def _autocast(self):
         if self.autocast is None:
@@ -409,6 +413,8 @@ class Trainer:
         """
         self.model.train()
         inputs, labels, tokens = self.collate(local)
+        self.real_tokens += tokens
+        self.padded_tokens += inputs["input_ids"].numel() if "input_ids" in inputs else tokens
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         labels = labels.to(self.device, non_blocking=True)
         with self._autocast():
@@ -464,6 +470,7 @@ class Trainer:
             bar = _bar(sum(len(b) for b in batches), f"{desc} epoch {epoch}/{epochs}", show)
             loss_total = torch.zeros((), dtype=torch.float64, device=self.device)  # no host sync per step
             seen = 0
+            tokens0 = (self.real_tokens, self.padded_tokens)
             t0 = time.perf_counter()
             try:
                 for i, batch in enumerate(batches):
@@ -479,13 +486,15 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             train_s = time.perf_counter() - t0
-            stats = _all_reduce_(torch.tensor([float(loss_total), float(seen)], dtype=torch.float64,
+            stats = _all_reduce_(torch.tensor([float(loss_total), float(seen), self.real_tokens - tokens0[0],
+                                               self.padded_tokens - tokens0[1]], dtype=torch.float64,
                                               device=self.device), self.dist).cpu()  # nccl needs CUDA tensors
             t1 = time.perf_counter()
             metrics = evaluate()
             eval_s = time.perf_counter() - t1
             log = EpochLog(epoch, float(stats[0] / max(stats[1], 1)), train_s, int(stats[1]),
-                           float(stats[1]) / max(train_s, 1e-9), eval_s, metrics)
+                           float(stats[1]) / max(train_s, 1e-9), eval_s, metrics, real_tokens=int(stats[2]),
+                           padded_tokens=int(stats[3]))
             if metrics[metric] > best:
                 best, bad, log.improved = metrics[metric], 0, True
                 if on_improve is not None:
@@ -532,6 +541,8 @@ class RunResult:
     test: Dict[str, float]
     validation: Dict[str, float]
     history: List[Dict[str, Any]] = field(default_factory=list)
+    real_tokens: int = 0
+    padded_tokens: int = 0
     notes: List[str] = field(default_factory=list)
     skipped: Optional[str] = None
 

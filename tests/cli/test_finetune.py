@@ -285,6 +285,7 @@ def test_compare_stock_runs_both_recipes(toy_files, tiny_model_dir, tmp_path):
     stock = res.runs[1]
     assert not stock.skipped and stock.samples_per_s > 0 and stock.peak_memory_bytes > 0
     assert stock.validation["examples"] == 12
+    assert stock.padded_tokens >= stock.real_tokens > 0 and "padded/real tokens" in res.summary()
     bf16 = res.runs[2]
     from turbotune.training import bf16_support
 

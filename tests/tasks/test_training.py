@@ -105,6 +105,7 @@ def test_trainer_learns_and_evaluates(recipe):
     after = logs[-1].validation
     assert after["loss"] < before["loss"] and after["accuracy"] >= before["accuracy"]
     assert logs[0].samples == 40 and logs[0].samples_per_s > 0 and tr.steps == 20
+    assert logs[0].real_tokens == logs[0].padded_tokens == 240 and tr.real_tokens == 960
     assert tr.scheduler.get_last_lr()[0] == pytest.approx(0.0)  # linear decay ends at zero
 
 

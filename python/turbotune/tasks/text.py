@@ -622,7 +622,8 @@ def run_recipe(options: Dict[str, Any], recipe: str, save: bool) -> RunResult:
         dtype=dtype_name(rec.autocast or dtype if rec.name != "turbotune" else dtype), world=d.world,
         epochs_run=len(logs), train_seconds=train_s, eval_seconds=eval_s, wall_seconds=time.perf_counter() - t_start,
         samples_per_s=sum(l.samples for l in logs) / max(train_s, 1e-9), peak_memory_bytes=mem,
-        peak_memory_kind=kind, test=test_metrics, validation=best["validation"], history=history, notes=notes)
+        peak_memory_kind=kind, test=test_metrics, validation=best["validation"], history=history, notes=notes,
+        real_tokens=sum(l.real_tokens for l in logs), padded_tokens=sum(l.padded_tokens for l in logs))
 
 
 # ----------------------------------------------------------------------------- speed-up probe
@@ -727,16 +728,17 @@ class FinetuneResult:
         runs = []
         for r in self.runs:
             if r.skipped:
-                runs.append([r.recipe, "skipped", "", "", "", "", r.skipped])
+                runs.append([r.recipe, "skipped", "", "", "", "", "", ""])
                 continue
             acc = r.test.get("accuracy", r.validation.get("accuracy"))
             f1 = r.test.get("macro_f1", r.validation.get("macro_f1"))
+            pad = f"{r.padded_tokens / r.real_tokens:.2f}" if r.real_tokens else "-"
             runs.append([r.recipe, human_seconds(r.wall_seconds), human_seconds(r.train_seconds),
-                         f"{r.samples_per_s:.1f}", f"{r.peak_memory_bytes / 2**20:.0f} MiB",
+                         f"{r.samples_per_s:.1f}", pad, f"{r.peak_memory_bytes / 2**20:.0f} MiB",
                          f"{acc:.4f}" if acc == acc else "-", f"{f1:.4f}" if f1 == f1 else "-"])
         split = "test" if t.test else "validation"
-        lines.append(format_table(["recipe", "wall time", "train time", "samples/s", t.peak_memory_kind,
-                                   f"{split} acc", f"{split} macro-F1"], runs))
+        lines.append(format_table(["recipe", "wall time", "train time", "samples/s", "padded/real tokens",
+                                   t.peak_memory_kind, f"{split} acc", f"{split} macro-F1"], runs))
         skipped = [r for r in self.runs if r.skipped]
         for r in skipped:
             lines.append(f"  {r.recipe}: skipped ({r.skipped})")
@@ -757,6 +759,12 @@ class FinetuneResult:
             lines.append(f"speed-up vs stock: {p['speedup']:.2f}x (estimated from {p['steps']} paired training "
                          f"steps per recipe, scaled to each recipe's epoch by its padded tokens; the full comparison "
                          f"is --compare-stock)")
+            pt = p["padded_tokens_per_epoch"]
+            fewer = pt["stock"] / max(pt["turbotune"], 1)
+            lines.append(f"  = {fewer:.2f}x fewer padded tokens per epoch (stock pads shuffled batches to their "
+                         f"longest: {pt['stock'] / p['real_tokens_per_epoch']:.2f} tokens per real token; turbotune: "
+                         f"{pt['turbotune'] / p['real_tokens_per_epoch']:.2f}) x {p['speedup'] / fewer:.2f}x per "
+                         "padded token")
             lines.append(f"estimated stock training time for this run: "
                          f"{human_seconds(t.train_seconds * p['speedup'])}")
         for n in dict.fromkeys(x for r in self.runs for x in r.notes):

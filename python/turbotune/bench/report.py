@@ -33,7 +33,9 @@ def _fmt(v) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return "-" if v != v else f"{v:.4g}"
+        if v != v:
+            return "-"
+        return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
     return str(v)
 
 
@@ -45,7 +47,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
     for r in rows:
         ratio = "baseline" if r["baseline"] else ("-" if r["ratio_vs_torch"] is None else f"{r['ratio_vs_torch']:.2f}x")
         cells = [r["op"], r["provider"], r["mode"], r["shape"], r["dtype"], r["device"],
-                 f"{r['p50']:.4g}", f"{r['p20']:.4g}", f"{r['p80']:.4g}", ratio]
+                 _fmt(r["p50"]), _fmt(r["p20"]), _fmt(r["p80"]), ratio]
         cells += [_fmt(r.get(k)) for k in extra]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -84,11 +86,12 @@ def summary(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _label(r: dict) -> str:
-    lab = f"{r['op']} {r['mode']} {r['shape']} {r['dtype']}"
+def _label(r: dict, width: int = 58) -> str:
+    shape = r["shape"] if len(r["shape"]) <= 34 else r["shape"][:32] + "…"
+    lab = f"{r['op']} {r['mode']} {shape} {r['dtype']}"
     if r["provider"] != "turbotune":
-        lab += f" [{r['provider']}]"
-    return lab
+        lab += f" [{r['provider'].replace('turbotune', 'tt')}]"
+    return lab if len(lab) <= width else lab[:width - 1] + "…"
 
 
 def speedup_chart(rows: Sequence[dict], path: str, title: str) -> Optional[str]:
@@ -105,8 +108,9 @@ def speedup_chart(rows: Sequence[dict], path: str, title: str) -> Optional[str]:
     labels = [_label(r) for r in data]
     ratios = [r["ratio_vs_torch"] for r in data]
     height = max(2.5, 0.28 * len(data) + 1.2)
-    fig, ax = plt.subplots(figsize=(10, height))
-    colors = ["#2a9d5c" if x >= 1 else "#c0392b" for x in ratios]
+    fig, ax = plt.subplots(figsize=(12, height))
+    # green: >= 5% faster, red: >= 5% slower, grey: parity within the noise of one run
+    colors = ["#2a9d5c" if x >= 1.05 else "#c0392b" if x <= 0.95 else "#8c8c8c" for x in ratios]
     y = list(range(len(data)))[::-1]
     ax.barh(y, ratios, color=colors)
     ax.set_yticks(y)
@@ -121,13 +125,16 @@ def speedup_chart(rows: Sequence[dict], path: str, title: str) -> Optional[str]:
     ax.set_xlim(lo / 1.3, hi * 1.6)
     for yi, x in zip(y, ratios):
         ax.text(x * 1.03, yi, f"{x:.2f}x", va="center", fontsize=7)
-    ax.set_xlabel("speed-up over stock PyTorch (stock median time / turbotune median time; > 1 = faster)")
+    ax.set_xlabel("speed-up over stock (stock median time / turbotune median time; > 1 = faster)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".png")
     os.close(fd)
+    from ..training import _umask
+
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
     try:
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)

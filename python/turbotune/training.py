@@ -159,7 +159,9 @@ class Recipe:
     optimizer: str
     autocast: Optional[torch.dtype] = None
 
-    def make_optimizer(self, param_groups: List[dict], lr: float, device: torch.device) -> torch.optim.Optimizer:
+    def make_optimizer(self, param_groups: List[dict], lr: float, device: torch.device,
+                       max_grad_norm: Optional[float] = None) -> torch.optim.Optimizer:
+        """The recipe's AdamW. ``max_grad_norm`` is for an optimizer that clips inside its step (unused today)."""
         if self.optimizer == "turbotune":
             from .optim import AdamW
 
@@ -394,7 +396,8 @@ class Trainer:
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model = model
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = recipe.make_optimizer(_weight_decay_groups(self.module, weight_decay), lr, self.device)
+        self.optimizer = recipe.make_optimizer(_weight_decay_groups(self.module, weight_decay), lr, self.device,
+                                               max_grad_norm)
         self.scheduler = linear_schedule(self.optimizer, warmup_steps, total_steps)
         self.steps = 0
         self.real_tokens = 0  # summed over this process's steps

@@ -79,6 +79,9 @@ echo "attention_sm90 rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 ))s" | tee -a "
 (TURBOTUNE_AUTOTUNE=0 timeout 120 $PY benchmarks/bench_attention.py 512 > "$OUT/attention_bwd.md" 2>&1
  echo "rc=$?" >> "$OUT/attention_bwd.md")
 cat "$OUT/attention_bwd.md" | tee -a "$OUT/summary.txt"
+step "product GPU tests (finetune / bench timing on CUDA)"
+timeout 120 $PY -m pytest tests/cli tests/bench -m gpu -q -p no:cacheprovider > "$OUT/tests_product.log" 2>&1
+echo "product gpu tests rc=$?: $(tail -1 "$OUT/tests_product.log")" | tee -a "$OUT/summary.txt"
 
 step "turbotune bench --quick"
 t0=$(date +%s)

@@ -161,11 +161,12 @@ class Recipe:
 
     def make_optimizer(self, param_groups: List[dict], lr: float, device: torch.device,
                        max_grad_norm: Optional[float] = None) -> torch.optim.Optimizer:
-        """The recipe's AdamW. ``max_grad_norm`` is for an optimizer that clips inside its step (unused today)."""
+        """The recipe's AdamW. turbotune's clips inside its step (``AdamW(max_grad_norm=...)``: one pass over
+        the gradients for the norm, the clip coefficient folded into the update)."""
         if self.optimizer == "turbotune":
             from .optim import AdamW
 
-            return AdamW(param_groups, lr=lr)
+            return AdamW(param_groups, lr=lr, max_grad_norm=max_grad_norm or None)
         kw = {"fused": True} if device.type in ("cpu", "cuda") else {}
         return torch.optim.AdamW(param_groups, lr=lr, **kw)
 
@@ -173,17 +174,14 @@ class Recipe:
                       max_grad_norm: Optional[float]) -> Optional[torch.Tensor]:
         """Clip the gradients to ``max_grad_norm`` (global L2) and step; returns the norm before clipping.
 
-        The only place where the recipes' clipping differs. (When ``AdamW(max_grad_norm=...)`` lands, the
-        turbotune branch becomes ``optimizer.step()`` with the norm read from ``optimizer.last_grad_norm``.)
+        The only place where the recipes' clipping differs: turbotune's AdamW (made by :meth:`make_optimizer`
+        with ``max_grad_norm``) clips inside ``step()`` and reports the norm as ``last_grad_norm``; the stock
+        recipe calls ``torch.nn.utils.clip_grad_norm_`` first.
         """
-        norm = None
-        if max_grad_norm:
-            if self.optimizer == "turbotune":
-                from .optim import clip_grad_norm_
-
-                norm = clip_grad_norm_(params, max_grad_norm)
-            else:
-                norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if self.optimizer == "turbotune":
+            optimizer.step()
+            return optimizer.last_grad_norm if max_grad_norm else None
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
         optimizer.step()
         return norm
 

@@ -261,12 +261,19 @@ def test_float64_varlen_gradcheck():
 def test_aten_is_a_declared_backend_chosen_and_reported():
     from turbotune.cli import info_text
 
+    # the default CPU path: the native kernels when the extension has them, else ATen's
+    default = backend.NATIVE if attn_cpu.native() is not None else backend.ATEN
     with backend.force(None):
         for dtype in backend.FLOATS:
-            assert backend.select("attention", torch.device("cpu"), dtype).impl == backend.ATEN
+            assert backend.select("attention", torch.device("cpu"), dtype).impl == default
         text = info_text()
     lines = text[text.index("  attention:"):].splitlines()
-    assert "-> aten" in lines[1] and "flash-attention" in lines[1], lines[:4]
+    assert f"-> {default}" in lines[1], lines[:4]
+    with backend.force(backend.ATEN):
+        assert backend.select("attention", torch.device("cpu"), torch.float32).impl == backend.ATEN
+        text = info_text()
+        line = text[text.index("  attention:"):].splitlines()[1]
+        assert "-> aten" in line and "flash-attention" in line, line
     with backend.force(backend.REFERENCE):
         assert backend.select("attention", torch.device("cpu"), torch.float32).impl == backend.REFERENCE
         text = info_text()
@@ -283,9 +290,9 @@ def test_forced_reference_really_runs_the_reference(monkeypatch):
     real = attn_cpu._CPU_FLASH
     monkeypatch.setattr(attn_cpu, "_CPU_FLASH", spy)
     q, k, v = _qkv(1, 2, 7, 7, 8)
-    with backend.force(None):
+    with backend.force(backend.ATEN):
         attention(q, k, v)
-    assert len(calls) == 1, "the default CPU path is ATen's kernel"
+    assert len(calls) == 1, "TURBOTUNE_BACKEND=aten runs ATen's kernel"
     with backend.force(backend.REFERENCE):
         out = attention(q, k, v)
     assert len(calls) == 1, "TURBOTUNE_BACKEND=reference must not call ATen's kernel"

@@ -14,6 +14,7 @@ One module per concern:
   reference): :func:`attention_ref`, :func:`attention_varlen_ref`;
 - :mod:`.kernels`: the Triton kernels (dense and varlen share them) and their block
   configurations; :mod:`.launch`: config choice and launchers;
+- :mod:`.native_cpu`: the C++/OpenMP CPU kernels (``csrc/cpu/attention.cpp``);
 - :mod:`.cpu`: the CPU implementations (ATen's flash kernel, the native seam) and
   :func:`.cpu.choose`, the one function that picks the path of a call;
 - :mod:`.ops`: the four ``torch.library`` ops with fake implementations and autograd;
@@ -43,6 +44,11 @@ backend.register_op(
     aten_description=_cpu.ATEN_DESCRIPTION,
     summary="fused attention: padding mask, bias (+grad), causal, varlen, dropout (forward and backward)",
 )
+
+from . import native_cpu as _native_cpu  # noqa: E402
+
+if _native_cpu.available()[0]:  # the C++ kernels: the default CPU path (see cpu.choose)
+    _cpu.register_native(_native_cpu.OpImplementation)
 
 from .api import attention, attention_varlen  # noqa: E402
 from .philox import attention_dropout_mask  # noqa: E402

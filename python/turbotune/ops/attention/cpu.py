@@ -9,9 +9,9 @@ Implementations (each exposes ``forward``, ``backward`` and, except ATen,
   padding mask, bias and causal mask folded into one additive mask. It has no
   dropout (it cannot reproduce turbotune's Philox mask), no varlen and no bias
   gradient.
-- ``native``: a C++/OpenMP CPU implementation plugged in with :func:`register_native`
-  (dense with a padding mask, and varlen; dropout with the same Philox mask; no
-  bias). Nothing is registered until that module exists.
+- ``native``: the C++/OpenMP CPU kernels of :mod:`.native_cpu` (``csrc/cpu/attention.cpp``),
+  plugged in with :func:`register_native` when the extension has them (dense with a
+  padding mask, and varlen; dropout with the same Philox mask; no bias).
 
 :func:`choose` applies ``backend.select("attention", device, dtype)`` (which honours
 ``TURBOTUNE_BACKEND`` and is what ``turbotune info`` reports) and then the per-call
@@ -94,8 +94,8 @@ class NativeAttention(Protocol):
       (dense ``(B, H, L, D)``; ``attn_bias`` is always None: calls with a bias go elsewhere);
     - ``backward(dout, q, k, v, out, lse, attention_mask, attn_bias, dropout_p, causal, scale, seed, offset,
       bias_grad=False) -> (dq, dk, dv, None)``;
-    - ``varlen_forward(q, k, v, cu_q, cu_k, dropout_p, causal, scale, seed, offset) -> (out, lse)``;
-    - ``varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, dropout_p, causal, scale, seed, offset)
+    - ``varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset) -> (out, lse)``;
+    - ``varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset)
       -> (dq, dk, dv)``.
 
     Dropout must apply :func:`.philox.keep_mask_ref`'s mask bit for bit; ``lse`` is fp32 natural-log

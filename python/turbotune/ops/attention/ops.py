@@ -138,10 +138,11 @@ def _attention_varlen_fwd_impl(
                                      seed, offset, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k, max_q=max_seqlen_q,
                                      max_k=max_seqlen_k, out_like=q)
         return out, lse
-    out, lse = cpu.implementation(path).varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, causal,
-                                                       softmax_scale, seed, offset)
-    res = torch.empty_like(q)
-    return res.copy_(out), lse.contiguous()
+    out, lse = cpu.implementation(path).varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                       max_seqlen_k, dropout_p, causal, softmax_scale, seed, offset)
+    if out.stride() != q.stride():  # the op promises q's layout
+        out = torch.empty_like(q).copy_(out)
+    return out, lse.contiguous()
 
 
 def _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
@@ -162,12 +163,10 @@ def _attention_varlen_bwd_impl(
             softmax_scale, seed, offset, deterministic=deterministic, bias_grad=False, cu_q=cu_seqlens_q,
             cu_k=cu_seqlens_k, max_q=max_seqlen_q, max_k=max_seqlen_k, grads_like=(q, k, v))
         return dq, dk, dv
-    g = cpu.implementation(path).varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dropout_p,
-                                                 causal, softmax_scale, seed, offset)
-    res = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-    for r, t in zip(res, g):
-        r.copy_(t)
-    return res
+    g = cpu.implementation(path).varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                 max_seqlen_k, dropout_p, causal, softmax_scale, seed, offset)
+    return tuple(t if t.stride() == like.stride() else torch.empty_like(like).copy_(t)
+                 for t, like in zip(g, (q, k, v)))
 
 
 def _attention_varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

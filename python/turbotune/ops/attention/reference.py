@@ -141,10 +141,11 @@ def _heads_first(*ts: Tensor) -> List[Tensor]:
     return [t.transpose(0, 1).unsqueeze(0) for t in ts]
 
 
-def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, dropout_p: float, causal: bool,
-                   scale: float, seed: int, offset: int) -> Tuple[Tensor, Tensor]:
+def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+                   dropout_p: float, causal: bool, scale: float, seed: int, offset: int) -> Tuple[Tensor, Tensor]:
     """Varlen forward: q ``(total_q, H, D)``, k/v ``(total_k, H, D)``, cu ``(B + 1,)`` int32
-    (validated). Returns ``(out (total_q, H, D), lse (H, total_q) fp32)``."""
+    (validated; ``max_q`` / ``max_k`` are not needed here: the lengths come from ``cu``).
+    Returns ``(out (total_q, H, D), lse (H, total_q) fp32)``."""
     heads = q.shape[1]
     out = torch.zeros_like(q)
     lse = torch.full((heads, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
@@ -160,8 +161,8 @@ def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, 
 
 
 def varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Optional[Tensor],
-                    cu_q: Tensor, cu_k: Tensor, dropout_p: float, causal: bool, scale: float, seed: int,
-                    offset: int) -> Tuple[Tensor, Tensor, Tensor]:
+                    cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, dropout_p: float, causal: bool,
+                    scale: float, seed: int, offset: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Varlen backward: ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v`` (``lse`` unused)."""
     heads = q.shape[1]
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

@@ -60,6 +60,29 @@ def test_base_model_hidden_states_and_mean_pooling_match_stock(batch):
         assert rel(_real(h, mask), _real(hr, mask)) < FP32_REL
 
 
+@pytest.mark.parametrize("impl", ["native", "aten", "reference"])
+def test_each_cpu_attention_backend_matches_stock(batch, impl, monkeypatch):
+    """The packed model's attention on every CPU backend: the native varlen kernels (default), ATen's
+    kernel over length buckets (TURBOTUNE_BACKEND=aten) and the reference (TURBOTUNE_BACKEND=reference)."""
+    from turbotune import backend
+    from turbotune.models.bert import packed
+    from turbotune.ops.attention import cpu as attn_cpu
+
+    if impl == "native" and attn_cpu.native() is None:
+        pytest.skip("extension built without the native CPU attention")
+    bucketed = []
+    real = packed._sdpa_bucketed
+    monkeypatch.setattr(packed, "_sdpa_bucketed", lambda *a, **k: bucketed.append(1) or real(*a, **k))
+    stock, model = pair("AutoModel")
+    turbotune.optimize(model)
+    with torch.no_grad(), backend.force(impl):
+        ref = stock(**batch)
+        out = model(**batch)
+    mask = batch["attention_mask"]
+    assert rel(_real(out.last_hidden_state, mask), _real(ref.last_hidden_state, mask)) < FP32_REL
+    assert bool(bucketed) == (impl == "aten"), impl
+
+
 def test_padded_to_max_length_and_no_mask_match_stock():
     stock, model = pair("AutoModel")
     turbotune.optimize(model)

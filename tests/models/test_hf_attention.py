@@ -14,7 +14,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import turbotune  # noqa: E402
-from turbotune import backend  # noqa: E402
 from turbotune.data import packaged_model_dir  # noqa: E402
 from turbotune.testing import assert_close  # noqa: E402
 

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from turbotune import backend
 from turbotune.ops import attention, attention_dropout_mask, attention_ref, attention_varlen, attention_varlen_ref
 from turbotune.testing import assert_close
 
@@ -85,7 +84,7 @@ def test_gradients_consistent_with_kernel_mask(dtype, device, triton_backend):
 
 
 def test_varlen_dropout_uses_per_sequence_mask(device, triton_backend):
-    lens = [20, 1, 37]
+    # sequence lengths 20, 1, 37
     cu = torch.tensor([0, 20, 21, 58], dtype=torch.int32, device=device)
     h, d, p, seed = 2, 32, 0.25, 42
     q, k, v = (torch.randn(58, h, d, device=device, requires_grad=True) for _ in range(3))

@@ -1,6 +1,5 @@
 """Fixtures of the optimizer tests: a small real model (MiniLM, 2 of its 6 layers)."""
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import os
 import socket
 import traceback
 
-import pytest
 import torch
 
 TIMEOUT_S = 120

@@ -41,8 +41,7 @@ from __future__ import annotations
 
 import functools
 import operator
-import types
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn

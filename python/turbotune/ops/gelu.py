@@ -290,7 +290,7 @@ def _check(x, bias, approximate):
     if not x.is_floating_point():
         raise TypeError(f"bias_gelu: x must be a floating tensor, got dtype {x.dtype}")
     if x.dim() < 1:
-        raise ValueError(f"bias_gelu: x must have shape (..., N), got a 0-d tensor")
+        raise ValueError("bias_gelu: x must have shape (..., N), got a 0-d tensor")
     if not isinstance(approximate, str) or approximate not in APPROXIMATIONS:
         raise ValueError(f"bias_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     if bias is None:

@@ -3,7 +3,10 @@
 - ``text`` (:mod:`turbotune.tasks.text`): sequence classification with a BERT-family encoder;
 - ``image`` (:mod:`turbotune.tasks.image`, with the CNN support): image classification.
 
-Every task trains with the one loop of :mod:`turbotune.training`.
+Within a task, turbotune's run and the stock run go through the same loop: ``text`` through
+:class:`turbotune.training.Trainer` (checkpoints, DDP, early stopping, the recipes of
+``--compare-stock``), ``image`` through its own short loop (augmentation, one-cycle schedule; no
+checkpoint or DDP yet), shared by its turbotune and stock runs.
 """
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ... import backend
-from ...ops import attention_varlen, layer_norm
+from ...ops import attention_varlen, layer_norm, linear_gelu
+from ...ops import cross_entropy as ops_cross_entropy
 
 __all__ = [
     "Pack",
@@ -169,18 +170,21 @@ def bias_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: st
     """``GELU(x @ weight.T + bias)``: ``x`` ``(N, in)``, ``weight`` ``(out, in)``, ``bias`` ``(out,)``
     -> ``(N, out)`` in ``x``'s dtype. ``approximate``: ``"none"`` (exact erf, BERT) or ``"tanh"``.
 
-    The single place the intermediate projection + activation runs (fused op slot)."""
-    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+    The single place the intermediate projection + activation runs: :func:`turbotune.ops.linear_gelu`
+    (on a GPU the bias and GELU run in one Triton kernel, forward and backward; elsewhere stock
+    ``F.gelu(F.linear(...))``, where ATen's ``addmm`` already folds the bias)."""
+    return linear_gelu(x, weight, bias, approximate)
 
 
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean cross-entropy over the targets that are not ``ignore_index`` (``torch.nn.CrossEntropyLoss``).
 
     ``logits`` ``(N, C)`` any float dtype (fp16/bf16 are upcast to fp32); ``target`` ``(N,)``
-    int64. Returns a 0-d fp32 (or fp64) tensor. The single place the heads' loss runs."""
+    int64. Returns a 0-d fp32 (or fp64) tensor. The single place the heads' loss runs:
+    :func:`turbotune.ops.cross_entropy` (Triton on a GPU, ATen elsewhere)."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    return ops_cross_entropy(logits, target, ignore_index=ignore_index)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -320,7 +324,7 @@ def _cpu_sdpa_path(q: Tensor, dropout_p: float, q_pack: Pack, k_pack: Pack) -> b
         and q_pack.lens is not None
         and k_pack.lens is not None
         and not torch.compiler.is_compiling()
-        and backend.select("attention", q.device, q.dtype).impl == backend.REFERENCE
+        and backend.select("attention", q.device, q.dtype).impl == backend.ATEN
     )
 
 
@@ -340,11 +344,12 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, q_pack: Pack, k_pack: Pack
 
     Returns ``(Tq, H, D)`` in ``q``'s dtype.
 
-    Runs :func:`turbotune.ops.attention_varlen` (Triton on GPU; its native or
-    reference CPU path) except on CPU without dropout while attention has no
-    native CPU kernel: there ATen's SDPA kernel runs over length buckets
-    (sequences sorted by length, a few groups each padded to its longest), which
-    computes little padding at a handful of calls.
+    Runs :func:`turbotune.ops.attention_varlen` (Triton on GPU; the native C++
+    kernels on CPU) except on CPU without dropout when attention's CPU backend is
+    ATen's kernel (``TURBOTUNE_BACKEND=aten``, or an extension built without the
+    native attention): ATen has no varlen entry, so its SDPA kernel runs over
+    length buckets (sequences sorted by length, a few groups each padded to its
+    longest), which computes little padding at a handful of calls.
     """
     if _cpu_sdpa_path(q, dropout_p, q_pack, k_pack):
         return _sdpa_bucketed(q, k, v, q_pack, k_pack, scale, fused)

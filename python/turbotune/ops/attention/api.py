@@ -7,7 +7,6 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ... import backend
 from .ops import ATTENTION_FWD, ATTENTION_VARLEN_FWD
 from .philox import check_dropout_range, check_offset, draw_seed
 from .reference import reject_key_padding_mask
@@ -144,30 +143,6 @@ def attention(
     return (out, lse) if return_lse else out
 
 
-def _validate_cu_seqlens(fn: str, cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q: int,
-                         max_k: int) -> None:
-    """Host-side checks of packed-sequence boundaries (one device sync for CUDA tensors)."""
-    for name, cu, total, mx, mx_name, rows in (("cu_seqlens_q", cu_q, total_q, max_q, "max_seqlen_q", "q"),
-                                               ("cu_seqlens_k", cu_k, total_k, max_k, "max_seqlen_k", "k")):
-        c = cu.cpu().to(torch.int64)
-        if c[0].item() != 0:
-            raise ValueError(f"{fn}: {name} must start at 0, got {c[0].item()}")
-        if c[-1].item() != total:
-            raise ValueError(f"{fn}: {name} must end at the token count {total} ({rows}.shape[0]), "
-                             f"got {c[-1].item()}")
-        lens = c[1:] - c[:-1]
-        if lens.numel():
-            bad = torch.nonzero(lens < 0)
-            if bad.numel():
-                i = int(bad[0])
-                raise ValueError(f"{fn}: {name} must be non-decreasing, but {name}[{i + 1}] = {c[i + 1].item()} < "
-                                 f"{name}[{i}] = {c[i].item()}")
-            longest = int(lens.max())
-            if longest > mx:
-                raise ValueError(f"{fn}: {mx_name} = {mx} is smaller than the longest sequence in {name} "
-                                 f"({longest}, sequence {int(lens.argmax())})")
-
-
 def attention_varlen(
     q: Tensor,
     k: Tensor,
@@ -224,8 +199,6 @@ def attention_varlen(
         if not isinstance(mx, int) or isinstance(mx, bool) or mx < 0:
             raise ValueError(f"{fn}: {name} must be a non-negative int, got {mx!r}")
     _check_common(fn, dropout_p, softmax_scale, deterministic, dropout_offset)
-    if q.device.type == "cpu" or backend.checks_enabled():
-        _validate_cu_seqlens(fn, cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     p = float(dropout_p)
     if p > 0.0:

@@ -126,12 +126,46 @@ ATTENTION_FWD = FusedOp("attention_fwd", _attention_fwd_impl, fake=_attention_fw
 # --------------------------------------------------------------------------- varlen
 
 
+def validate_cu_seqlens(fn: str, cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q: int,
+                         max_k: int) -> None:
+    """Host-side checks of packed-sequence boundaries (one device sync for CUDA tensors).
+
+    Called inside the forward op's implementation, not in :func:`.api.attention_varlen`: under
+    ``torch.compile`` the op is opaque, so the checks run with the real values at run time and
+    cost no graph break."""
+    for name, cu, total, mx, mx_name, rows in (("cu_seqlens_q", cu_q, total_q, max_q, "max_seqlen_q", "q"),
+                                               ("cu_seqlens_k", cu_k, total_k, max_k, "max_seqlen_k", "k")):
+        c = cu.cpu().to(torch.int64)
+        if c[0].item() != 0:
+            raise ValueError(f"{fn}: {name} must start at 0, got {c[0].item()}")
+        if c[-1].item() != total:
+            raise ValueError(f"{fn}: {name} must end at the token count {total} ({rows}.shape[0]), "
+                             f"got {c[-1].item()}")
+        lens = c[1:] - c[:-1]
+        if lens.numel():
+            bad = torch.nonzero(lens < 0)
+            if bad.numel():
+                i = int(bad[0])
+                raise ValueError(f"{fn}: {name} must be non-decreasing, but {name}[{i + 1}] = {c[i + 1].item()} < "
+                                 f"{name}[{i}] = {c[i].item()}")
+            longest = int(lens.max())
+            if longest > mx:
+                raise ValueError(f"{fn}: {mx_name} = {mx} is smaller than the longest sequence in {name} "
+                                 f"({longest}, sequence {int(lens.argmax())})")
+
+
+
 def _attention_varlen_fwd_impl(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
     max_seqlen_k: int, dropout_p: float, causal: bool, softmax_scale: float, seed: int, offset: int,
     deterministic: bool,
 ) -> Tuple[Tensor, Tensor]:
-    """Returns ``(out, lse)``: out like ``q`` ``(total_q, H, D)``, lse fp32 ``(H, total_q)``."""
+    """Returns ``(out, lse)``: out like ``q`` ``(total_q, H, D)``, lse fp32 ``(H, total_q)``.
+    ``cu_seqlens`` / ``max_seqlen`` are validated here for CPU tensors, and for CUDA ones with
+    ``TURBOTUNE_CHECK=1``."""
+    if q.device.type == "cpu" or backend.checks_enabled():
+        validate_cu_seqlens("attention_varlen", cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q,
+                            max_seqlen_k)
     path = _path(q, k, dropout_p=dropout_p, attn_bias=None, bias_grad=False, varlen=True)
     if path == backend.TRITON:
         out, lse, _ = launch.forward(_inner(q), _inner(k), _inner(v), None, None, dropout_p, causal, softmax_scale,

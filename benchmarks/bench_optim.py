@@ -12,6 +12,8 @@ Run as a script to print the Markdown tables recorded in benchmarks/RESULTS.md:
                                                     # step, interleaved, 20+ steps, weights compared at the end
     python benchmarks/bench_optim.py --paired-schedule  # plain fp32 step: the kernel's balanced work split
                                                         # vs the old equal-chunk-count split vs torch vs copy
+    python benchmarks/bench_optim.py --paired-cnn   # ResNet-18 / -50 mixes, conv weights channels_last:
+                                                    # turbotune vs torch fused vs turbotune's reference path
 
 TURBOTUNE_BENCH_THREADS=n pins torch.set_num_threads (the native kernels use OpenMP's own count:
 set OMP_NUM_THREADS=n too to pin both). TURBOTUNE_BENCH_CLOCK=thread times the paired modes in CPU time
@@ -183,6 +185,42 @@ def paired_schedule(model: str, reps: int) -> str:
     return f"| {model} | " + " | ".join(cells) + f" | {ratio('balanced')} | {ratio('chunks')} | {gbs} |"
 
 
+def _round_ratio(rounds, num, den) -> str:
+    """Median (IQR) over rounds of rounds[num][i] / rounds[den][i] (same round: same machine load)."""
+    r = sorted(a / b for a, b in zip(rounds[num], rounds[den]))
+    return f"{r[len(r) // 2]:.2f}x ({r[len(r) // 4]:.2f}-{r[3 * len(r) // 4]:.2f})"
+
+
+def paired_cnn(model: str, reps: int) -> str:
+    """One Markdown row: an fp32 step on a ResNet parameter mix whose conv weights (and grads) are
+    channels_last, as ``turbotune.optimize(cnn)`` leaves them: turbotune's native kernel, torch's fused AdamW
+    and turbotune's reference path (what these params took before the kernels accepted dense layouts), each on
+    its own copy of the same params and grads, interleaved; and torch's fused AdamW on contiguous copies (what
+    its kernel costs without the layout). After the run turbotune's and torch's weights must agree to 1e-6
+    relative (max |a - b| / max |b| over each tensor)."""
+    from turbotune.bench.suites.optim import _params, cnn_providers, cnn_shapes, numel
+
+    shapes = cnn_shapes(model)
+    n = numel(shapes)
+    providers = cnn_providers()
+    sets = {name: _params(shapes, torch.float32, torch.device("cpu"), channels_last=True) for name, _, _ in providers}
+    fns = {name: make(sets[name]) for name, _, make in providers}
+    contiguous = _params(shapes, torch.float32, torch.device("cpu"))
+    fns["torch-fused (contiguous)"] = torch.optim.AdamW(contiguous, lr=1e-4, fused=True).step
+    for f in fns.values():
+        f()
+        f()
+    rounds = _interleave(fns, reps, keep_order=True)
+    worst = max(((p - q).abs().max() / q.abs().max().clamp_min(1e-30)).item()
+                for p, q in zip(sets["turbotune"], sets["torch-fused"]))
+    ok = "yes" if worst <= 1e-6 else "NO"
+    cells = [f"{_min_med(sorted(rounds[k]))[0]:.1f} / {_min_med(sorted(rounds[k]))[1]:.1f}" for k in fns]
+    return (f"| {model} ({n / 1e6:.1f}M, {len(shapes)} tensors) | " + " | ".join(cells)
+            + f" | **{_round_ratio(rounds, 'torch-fused', 'turbotune')}** "
+            f"| {_round_ratio(rounds, 'turbotune (reference path)', 'turbotune')} "
+            f"| {_round_ratio(rounds, 'torch-fused (contiguous)', 'turbotune')} | {worst:.1e} ({ok}) |")
+
+
 PAIRED = {
     "--paired": (
         paired, [("minilm-22M", 30), ("bert-base-110M", 15)],
@@ -201,6 +239,13 @@ PAIRED = {
         "| mix | turbotune balanced min / median ms | turbotune chunks min / median ms | torch fused min / median ms "
         "| copy 28 B/param min / median ms | add_ 28 B/param min / median ms | torch / balanced per round: median "
         "(IQR) | torch / chunks per round: median (IQR) | GB/s at min: balanced / chunks / torch / copy / add_ |",
+    ),
+    "--paired-cnn": (
+        paired_cnn, [("resnet18-11.7M", 30), ("resnet50-25.6M", 20)],
+        "| mix (conv weights channels_last) | torch fused min / median ms | turbotune min / median ms "
+        "| turbotune reference path min / median ms | torch fused on contiguous copies min / median ms "
+        "| torch / turbotune per round: median (IQR) | reference path / turbotune per round: median (IQR) "
+        "| torch on contiguous / turbotune per round: median (IQR) | weights max rel diff vs torch (<= 1e-6) |",
     ),
 }
 

@@ -20,42 +20,22 @@ def test_attention(benchmark, case):
     benchmark(run)
 
 
-def interleaved(length: int = 128, rounds: int = 15, mode: str = "fwd+bwd"):
-    """Time the suite's cases of one length round-robin over providers (median of ``rounds``),
-    so load changes on a shared machine hit every provider alike. Returns Markdown rows."""
-    import statistics
-    import time
-
-    from turbotune.bench.suites.attention import attention_suite
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    providers = ("torch", "eager", "turbotune", "turbotune-varlen")
-    groups = {}
-    for c in attention_suite(False, device):
-        if c.mode == mode and f"L{length} " in c.shape and c.provider in providers:
-            groups.setdefault(c.shape, []).append(c)
-    lines = []
-    for shape, cases in groups.items():
-        for c in cases:
-            c.fn()
-            c.fn()
-        times = {c.provider: [] for c in cases}
-        for _ in range(rounds):
-            for c in cases:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                c.fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[c.provider].append((time.perf_counter() - t0) * 1e3)
-        base = statistics.median(times["torch"])
-        cells = [f"{p}: {statistics.median(t):.3g} ms ({base / statistics.median(t):.2f}x)" for p, t in times.items()]
-        lines.append(f"| {shape} | " + " | ".join(cells) + " |")
-    return lines
-
-
-if __name__ == "__main__":  # python benchmarks/bench_attention.py [length]
+def main(argv=None) -> int:
+    """``python benchmarks/bench_attention.py [length] [mode]``: the suite's cases of one length and mode,
+    providers timed paired (round-robin, the harness's default), as a Markdown table."""
     import sys
 
-    print("\n".join(interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 128)))
+    from turbotune.bench import markdown_table, run
+
+    argv = sys.argv[1:] if argv is None else argv
+    length = int(argv[0]) if argv else 128
+    mode = argv[1] if len(argv) > 1 else "fwd+bwd"
+    providers = ("torch", "eager", "turbotune", "turbotune-varlen")
+    rows = run(["attention"], where=lambda c: c.mode == mode and f"L{length} " in c.shape and c.provider in providers,
+               progress=False)
+    print(markdown_table(rows), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

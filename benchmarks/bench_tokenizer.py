@@ -2,13 +2,14 @@
 
     python -m pytest benchmarks/bench_tokenizer.py                            # quick subset (0.25 MB)
     TURBOTUNE_BENCH_FULL=1 python -m pytest benchmarks/bench_tokenizer.py     # 2 MB of text
-    python benchmarks/bench_tokenizer.py [--full]                             # table of MB/s and ratios
+    python benchmarks/bench_tokenizer.py [--full]                             # table of MB/s and ratios (paired)
     python benchmarks/bench_tokenizer.py --against DIR                        # this build vs an older one
 
 ``--against DIR``: DIR holds an older build of the package renamed ``turbotune_old`` (its Python
 files and its ``_C*.so``, e.g. ``cp -r python/turbotune DIR/turbotune_old && cp
 build/*/_C*.so DIR/turbotune_old/`` at the old commit): the padded-batch calls of both builds
-run in this process, interleaved call by call, and their CPU-time ratio is printed.
+run in this process, interleaved call by call (finer than the harness's paired rounds: the two
+builds see the same load on every batch), and their CPU-time ratio is printed.
 
 Each case is one full pass over the text; compare rows of the same group.
 """
@@ -39,73 +40,48 @@ def test_tokenizer(benchmark, case):
 
 
 def main(argv=None) -> int:
-    """Time every case (median of repeats after warm-up) and print a Markdown table."""
+    """Time every case (providers of a mode paired, round-robin) and print a Markdown table."""
     import argparse
-    import time
 
-    from turbotune.bench import measure
+    from turbotune.bench import run
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true", help="2 MB of text instead of 0.25 MB")
     ap.add_argument("--mb", type=float, default=None, help="MB of corpus text (overrides --full)")
     ap.add_argument("--budget", type=float, default=3.0, help="seconds of repeats per case")
-    ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds, report the best (0: median)")
     ap.add_argument("--scaling", action="store_true",
-                    help="only turbotune on the whole corpus, 1 vs all threads (best of 6 interleaved rounds)")
+                    help="only turbotune on the whole corpus, 1 vs all threads (paired rounds, best of each)")
     ap.add_argument("--against", metavar="DIR", default=None,
                     help="compare the padded-batch calls with an older build (DIR/turbotune_old)")
     args = ap.parse_args(argv)
     if args.scaling:
         return scaling()
     if args.against:
-        return against(args.against, mb=args.mb or 2.0, rounds=args.rounds or 7)
+        return against(args.against, mb=args.mb or 2.0)
     if args.mb:
         os.environ["TURBOTUNE_TOKENIZER_BENCH_MB"] = str(args.mb)
-    rows = []
-    all_cases = cases(quick=not args.full)
-    if args.rounds:
-        # Interleaved rounds, best of N per case: robust against noisy neighbours on a shared machine.
-        best = {id(c): (float("inf"), float("inf")) for c in all_cases}
-        for c in all_cases:
-            c.fn()  # warm-up
-        for _ in range(args.rounds):
-            for c in all_cases:
-                w0, c0 = time.perf_counter(), time.process_time()
-                c.fn()
-                w, cpu = time.perf_counter() - w0, time.process_time() - c0
-                bw, bc = best[id(c)]
-                best[id(c)] = (min(bw, w), min(bc, cpu))
-        rows = [(c, best[id(c)][0] * 1e3, best[id(c)][1]) for c in all_cases]
-        print(f"best of {args.rounds} interleaved rounds (wall); CPU s = best single-pass process CPU time")
-    else:
-        for c in all_cases:
-            t = measure(c.fn, torch.device("cpu"), warmup=1, budget_s=args.budget, min_repeats=3)
-            cpu0 = time.process_time()
-            c.fn()
-            cpu = time.process_time() - cpu0
-            rows.append((c, t.p50, cpu))
-    base = {c.mode: ms for c, ms, _ in rows if c.baseline}
-    print(f"text: {rows[0][0].shape}, {rows[0][0].work['items']} tokens; {os.cpu_count()} CPUs\n")
-    print("| mode | provider | wall s | MB/s | Mtokens/s | x vs HF | CPU s (1 pass) |")
+    rows = run(["tokenizer"], quick=not args.full, device=torch.device("cpu"), budget_s=args.budget, progress=False)
+    print(f"text: {rows[0]['shape']}; {os.cpu_count()} CPUs; providers of a mode timed paired (round-robin); "
+          "best = fastest pass\n")
+    print("| mode | provider | median s | best s | MB/s (median) | Mtokens/s (median) | x vs HF (median) |")
     print("|---|---|---|---|---|---|---|")
-    for c, ms, cpu in rows:
-        s = ms / 1e3
-        print(f"| {c.mode} | {c.provider} | {s:.4f} | {c.work['bytes'] / s / 1e6:.1f} | "
-              f"{c.work['items'] / s / 1e6:.2f} | {base[c.mode] / ms:.1f}x | {cpu:.3f} |")
-    ours = {c.mode: ms for c, ms, _ in rows if c.provider == "turbotune"}
+    for r in rows:
+        ratio = "baseline" if r["baseline"] else f"{r['ratio_vs_torch']:.1f}x"
+        print(f"| {r['mode']} | {r['provider']} | {r['p50'] / 1e3:.4f} | {r['min'] / 1e3:.4f} | "
+              f"{r['gb_per_s'] * 1e3:.1f} | {r['tokens_per_s'] / 1e6:.2f} | {ratio} |")
+    ours = {r["mode"]: r["p50"] for r in rows if r["provider"] == "turbotune"}
     if "raw-1thread" in ours and "raw-allcores" in ours:
         print(f"\nturbotune raw encoding, 1 -> {_suite._threads()} threads: "
               f"{ours['raw-1thread'] / ours['raw-allcores']:.2f}x")
-    peers = {c.mode: ms for c, ms, _ in rows if c.provider == "nanotoken-cold"}
+    peers = {r["mode"]: r["p50"] for r in rows if r["provider"] == "nanotoken-cold"}
     for mode in peers:
         print(f"turbotune vs nanotoken-cold ({mode}): {peers[mode] / ours[mode]:.2f}x")
     return 0
 
 
 def scaling(rounds: int = 6) -> int:
-    """turbotune on the whole corpus with 1 thread and with all threads, raw and padded."""
-    import time
-
+    """turbotune on the whole corpus with 1 thread and with all threads, raw and padded (paired rounds)."""
+    from turbotune.bench import measure_paired
     from turbotune.data import packaged_model_dir
     from turbotune.tokenizers import BertTokenizer
 
@@ -120,12 +96,8 @@ def scaling(rounds: int = 6) -> int:
         ("padded", 1): lambda: tok(lines, num_threads=1, **kw),
         ("padded", n): lambda: tok(lines, num_threads=n, **kw),
     }
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            best[k] = min(best[k], time.perf_counter() - t0)
+    timings = measure_paired(list(fns.values()), torch.device("cpu"), warmup=1, rounds=rounds)
+    best = {k: t.min / 1e3 for k, t in zip(fns, timings)}
     print(f"whole corpus {mb:.1f} MB, {len(lines)} lines, best of {rounds} interleaved rounds\n")
     print(f"| call | 1 thread MB/s | {n} threads MB/s | scaling |")
     print("|---|---|---|---|")

@@ -20,6 +20,9 @@
 # 6. checks the CNN goals (benchmarks/bench_cnn.py --goals: paired rounds, bf16);
 # 7. writes logs and JSON under OUT_DIR and prints a short table last.
 # Each step has its own timeout (seconds): 100 + 200 + 60 + 120 + 150 + 150.
+# 3. runs `turbotune bench --quick`;
+# 4. writes logs and JSON under OUT_DIR and prints a short table last.
+# Budget: under 10 minutes on one H200 (each step has its own timeout: 100 + 240 + 360 + 120 s).
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -63,6 +66,22 @@ optim_rc=$?
 echo "optimizer CUDA tests rc=$optim_rc in $(( $(date +%s) - t0 ))s: $(tail -1 "$OUT/optim_cuda.log")" | tee -a "$OUT/summary.txt"
 grep -E "(PASSED|FAILED|ERROR|SKIPPED)" "$OUT/optim_cuda.log" | grep "::" | sed 's/^tests.optim.test_adamw_cuda.py:://' \
   | head -40 | tee -a "$OUT/summary.txt"
+step "attention: sm_90 resources of every kernel config, and both backwards"
+t0=$(date +%s)
+# every autotuning candidate of the three attention kernels (head dims 64/128/256, bf16 and fp32,
+# three feature variants) compiled for sm_90: shared memory from the compile metadata, registers
+# and spills from cuobjdump -res-usage; then fwd+bwd at L=512 (B=32 H=12 D=64, bf16/fp16, mask
+# and dropout on/off), interleaved over SDPA, eager, the default backward (turbotune: atomic dQ)
+# and the deterministic one (turbotune-det), with one fixed block config (no autotuning wait)
+timeout 240 $PY tests/ops/attention_sm90.py --configs all --jobs 8 --out "$OUT/attention_sm90.jsonl" \
+  2> "$OUT/attention_sm90.err" | tee -a "$OUT/summary.txt"
+echo "attention_sm90 rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/summary.txt"
+(TURBOTUNE_AUTOTUNE=0 timeout 120 $PY benchmarks/bench_attention.py 512 > "$OUT/attention_bwd.md" 2>&1
+ echo "rc=$?" >> "$OUT/attention_bwd.md")
+cat "$OUT/attention_bwd.md" | tee -a "$OUT/summary.txt"
+step "product GPU tests (finetune / bench timing on CUDA)"
+timeout 120 $PY -m pytest tests/cli tests/bench -m gpu -q -p no:cacheprovider > "$OUT/tests_product.log" 2>&1
+echo "product gpu tests rc=$?: $(tail -1 "$OUT/tests_product.log")" | tee -a "$OUT/summary.txt"
 
 step "turbotune bench --quick"
 t0=$(date +%s)

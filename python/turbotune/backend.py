@@ -7,16 +7,22 @@ Implementations
                kernels are tested on machines without a GPU).
 ``native``     the C++ extension ``turbotune._C``: CPU kernels (OpenMP) and
                CUDA C++ kernels when the extension was built with CUDA.
+``aten``       a fused CPU kernel of ATen's that the op wraps (for attention:
+               SDPA's CPU flash-attention kernel); declared per op with
+               ``aten_cpu_dtypes`` and described by ``aten_description``.
 ``reference``  plain PyTorch, computing in fp32; always available.
 
 Default choice: on CUDA tensors Triton, then native CUDA, then reference; on
-CPU tensors native C++, then reference. The interpreter is never chosen by
-default (it is slow); set ``TURBOTUNE_BACKEND=triton`` to run Triton kernels on
-CPU tensors under ``TRITON_INTERPRET=1``.
+CPU tensors native C++, then ATen, then reference. The interpreter is never
+chosen by default (it is slow); set ``TURBOTUNE_BACKEND=triton`` to run Triton
+kernels on CPU tensors under ``TRITON_INTERPRET=1``.
 
-``TURBOTUNE_BACKEND=reference|triton|native`` forces a path for every op that
-has it (ops without it keep their default). Forcing a path that cannot run on
-the given device raises :class:`BackendUnavailable` with the reason.
+``TURBOTUNE_BACKEND=reference|triton|native|aten`` forces a path for every op
+that has it (ops without it keep their default). Forcing a path that cannot run
+on the given device raises :class:`BackendUnavailable` with the reason. An op
+may still run a call on a path further down its chain when the call needs a
+feature the chosen path lacks (attention: dropout on ATen); it says so in its
+``aten_description`` / summary, which ``turbotune info`` prints.
 
 Ops declare what they have with :func:`register_op`; ``turbotune info`` prints
 :func:`explain` for every registered op.
@@ -24,6 +30,7 @@ Ops declare what they have with :func:`register_op`; ``turbotune info`` prints
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -37,8 +44,10 @@ from . import _native
 REFERENCE = "reference"
 TRITON = "triton"
 NATIVE = "native"
-IMPLEMENTATIONS = (REFERENCE, TRITON, NATIVE)
+ATEN = "aten"
+IMPLEMENTATIONS = (REFERENCE, TRITON, NATIVE, ATEN)
 ENV_VAR = "TURBOTUNE_BACKEND"
+CHECK_ENV_VAR = "TURBOTUNE_CHECK"
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,6 +65,8 @@ class OpSpec:
     native_cpu_dtypes: Tuple[torch.dtype, ...] = ()
     native_cuda_dtypes: Tuple[torch.dtype, ...] = ()
     summary: str = ""
+    aten_cpu_dtypes: Tuple[torch.dtype, ...] = ()
+    aten_description: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,13 +87,29 @@ def register_op(
     native_cpu_dtypes=(),
     native_cuda_dtypes=(),
     summary: str = "",
+    aten_cpu_dtypes=(),
+    aten_description: str = "",
 ) -> OpSpec:
     """Declare an op and the dtypes each of its accelerated implementations handles.
 
     The reference implementation is implied and accepts every floating dtype.
     Registering the same name twice replaces the earlier entry (module reload).
     """
-    spec = OpSpec(name, tuple(triton_dtypes), tuple(native_cpu_dtypes), tuple(native_cuda_dtypes), summary)
+    spec = OpSpec(name, tuple(triton_dtypes), tuple(native_cpu_dtypes), tuple(native_cuda_dtypes), summary,
+                  tuple(aten_cpu_dtypes), aten_description)
+    _OPS[name] = spec
+    select_cached.cache_clear()
+    return spec
+
+
+def update_op(name: str, **changes) -> OpSpec:
+    """Change fields of a registered op (e.g. ``native_cpu_dtypes`` when a native
+    implementation is plugged in later) and forget cached choices."""
+    try:
+        spec = dataclasses.replace(_OPS[name], **{k: tuple(v) if k.endswith("_dtypes") else v
+                                                  for k, v in changes.items()})
+    except KeyError:
+        raise KeyError(f"turbotune: unknown op {name!r}; registered: {sorted(_OPS)}") from None
     _OPS[name] = spec
     select_cached.cache_clear()
     return spec
@@ -122,6 +149,13 @@ def triton_mode() -> Tuple[str, str]:
     if torch.cuda.is_available():
         return "gpu", f"{why}, CUDA device {torch.cuda.get_device_name(0)}"
     return "unavailable", f"{why}, but no CUDA device (set TRITON_INTERPRET=1 to interpret the kernels on the CPU)"
+
+
+def checks_enabled() -> bool:
+    """True when ``TURBOTUNE_CHECK=1``: validate inputs whose check needs a device
+    synchronisation (e.g. ``attention_varlen``'s ``cu_seqlens`` on CUDA). CPU tensors
+    are always checked."""
+    return os.environ.get(CHECK_ENV_VAR, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def forced() -> Optional[str]:
@@ -182,6 +216,14 @@ def _native_can_run(spec: OpSpec, device_type: str, dtype: torch.dtype) -> Tuple
     )
 
 
+def _aten_can_run(spec: OpSpec, device_type: str, dtype: torch.dtype) -> Tuple[bool, str]:
+    if device_type != "cpu":
+        return False, f"no ATen kernel for {device_type} tensors"
+    if dtype not in spec.aten_cpu_dtypes:
+        return False, f"no ATen cpu kernel for {dtype}"
+    return True, spec.aten_description or "ATen kernel"
+
+
 @functools.lru_cache(maxsize=None)
 def select_cached(op: str, device_type: str, dtype: torch.dtype, forced_impl: Optional[str], interp: bool) -> Choice:
     try:
@@ -200,6 +242,11 @@ def select_cached(op: str, device_type: str, dtype: torch.dtype, forced_impl: Op
         if not ok:
             raise BackendUnavailable(f"turbotune.{op}: {ENV_VAR}=native, but the native path cannot run here: {why}")
         return Choice(NATIVE, f"forced by {ENV_VAR}=native ({why})")
+    if forced_impl == ATEN and spec.aten_cpu_dtypes:
+        ok, why = _aten_can_run(spec, device_type, dtype)
+        if not ok:
+            raise BackendUnavailable(f"turbotune.{op}: {ENV_VAR}=aten, but the ATen path cannot run here: {why}")
+        return Choice(ATEN, f"forced by {ENV_VAR}=aten ({why})")
 
     reasons = []
     if device_type == "cuda":
@@ -211,6 +258,11 @@ def select_cached(op: str, device_type: str, dtype: torch.dtype, forced_impl: Op
     if ok:
         return Choice(NATIVE, why)
     reasons.append(why)
+    if spec.aten_cpu_dtypes:
+        ok, why_aten = _aten_can_run(spec, device_type, dtype)
+        if ok:
+            return Choice(ATEN, why_aten)
+        reasons.append(why_aten)
     if device_type == "cpu" and dtype in spec.triton_dtypes:
         reasons.append("Triton runs CPU tensors only when forced (TURBOTUNE_BACKEND=triton + TRITON_INTERPRET=1)")
     return Choice(REFERENCE, "PyTorch reference: " + "; ".join(dict.fromkeys(reasons)))

@@ -1,7 +1,8 @@
 """Remove and restore padding: the varlen recipe for BERT-style batches.
 
 A padded batch ``hidden`` of shape ``(B, L, ...)`` with an ``attention_mask``
-``(B, L)`` (True/1 = real token) becomes a packed ``(nnz, ...)`` tensor of the
+``(B, L)`` (Hugging Face's: bool or 0/1, True/1 = real token -- the same mask
+:func:`turbotune.ops.attention` takes as ``attention_mask``) becomes a packed ``(nnz, ...)`` tensor of the
 real tokens in row-major order, plus ``cu_seqlens`` (``(B + 1,)`` int32, the
 cumulative lengths starting at 0) and ``max_seqlen`` -- exactly what
 :func:`turbotune.ops.attention_varlen` takes. :func:`pad_input` scatters the

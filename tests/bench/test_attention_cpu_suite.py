@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from turbotune import bench
-from turbotune.ops import _attention_native_cpu as native
+from turbotune.ops.attention import native_cpu as native
 
 pytestmark = pytest.mark.skipif(not native.available()[0], reason="native CPU attention unavailable")
 

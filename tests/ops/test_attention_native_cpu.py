@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from turbotune.ops import _attention_native_cpu as na
+from turbotune.ops.attention import native_cpu as na
 from turbotune.ops import attention_dropout_mask, attention_ref, attention_varlen_ref
 from turbotune.testing import assert_close
 
@@ -89,7 +89,7 @@ def dense_case(b, h, lq, lk, d, dtype, mask, seed=0):
 
 def reference_dense(q, k, v, dout, kpm, causal, p, seed, offset, scale):
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = attention_ref(q64, k64, v64, key_padding_mask=kpm, causal=causal, dropout_p=p, softmax_scale=scale,
+    ref = attention_ref(q64, k64, v64, attention_mask=kpm, causal=causal, dropout_p=p, softmax_scale=scale,
                         dropout_seed=seed, dropout_offset=offset)
     if not ref.numel():
         return ref.detach(), [torch.zeros_like(t) for t in (q64, k64, v64)]
@@ -127,7 +127,7 @@ def cu_of(lens):
     [
         (2, 3, 37, 41, 0.1, 0, 0),
         (1, 2, 1, 1, 0.5, 7, 3),
-        (3, 1, 5, 131, 0.25, 2**40 + 12345, 2**32 + 9),  # seed above 32 bits, offset wraps mod 2**32
+        (3, 1, 5, 131, 0.25, 2**40 + 12345, 2**32 - 9),  # seed above 32 bits, offset near its limit
         (1, 1, 300, 7, 0.9, 2**63 - 1, 1),
         (2, 5, 64, 64, 1e-7, 99, 0),  # threshold rounds to 2: almost everything kept
     ],
@@ -418,7 +418,8 @@ def _dense_args():
         (dict(dropout_p=-0.1), ValueError, "dropout_p"),
         (dict(scale=float("nan")), ValueError, "scale"),
         (dict(seed=-1), ValueError, "seed"),
-        (dict(seed=2**64), ValueError, "seed"),
+        (dict(seed=2**63), ValueError, "seed"),
+        (dict(offset=2**32), ValueError, "offset"),
         (dict(causal=1), TypeError, "causal"),
         (dict(offset=1.5), ValueError, "offset"),
     ],

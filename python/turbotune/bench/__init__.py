@@ -8,22 +8,27 @@ one ``baseline=True`` case running stock PyTorch and one case per other
 provider; :func:`run` times them all in the same process and reports each
 provider's speed-up over the baseline (``ratio_vs_torch`` = baseline median /
 provider median, so > 1 means faster than torch).
+
+By default :func:`run` times the providers of one configuration *paired*
+(round-robin, :func:`measure_paired`), so load changes on a shared machine hit
+every provider alike. On a GPU each timing is ``triton.testing.do_bench``.
+Rows carry throughput (TFLOP/s, GB/s, items/s) from ``Case.work`` and, on a GPU
+whose peak is known (:func:`device_peaks`), the fraction of that peak.
+:mod:`turbotune.bench.report` writes the JSON, the Markdown report and the charts.
 """
 from __future__ import annotations
 
 import datetime
 import importlib
-import json
 import os
 import pkgutil
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from .timer import Timing, measure
+from .timer import Timing, measure, measure_paired
 
 __all__ = [
     "Case",
@@ -31,9 +36,12 @@ __all__ = [
     "all_suites",
     "run",
     "measure",
+    "measure_paired",
     "Timing",
+    "device_peaks",
     "grad_modes",
     "write_results",
+    "write_report",
     "markdown_table",
 ]
 
@@ -151,15 +159,45 @@ def _progress(total: int, desc: str, enabled: bool):
         return _Null()
 
 
-def _throughput(work: Dict[str, float], ms: float) -> Dict[str, float]:
+# Dense peaks of common GPUs: (16-bit tensor-core TFLOP/s, fp32 TFLOP/s without tensor cores, memory GB/s).
+_GPU_PEAKS = [
+    ("H200", (989.0, 67.0, 4800.0)),
+    ("H100", (989.0, 67.0, 3350.0)),
+    ("A100-SXM4-80GB", (312.0, 19.5, 2039.0)),
+    ("A100", (312.0, 19.5, 1555.0)),
+    ("L40S", (362.0, 91.6, 864.0)),
+    ("L4", (121.0, 30.3, 300.0)),
+    ("A10", (125.0, 31.2, 600.0)),
+    ("T4", (65.0, 8.1, 320.0)),
+]
+
+
+def device_peaks(device: Optional[torch.device] = None) -> Optional[Dict[str, float]]:
+    """``{"tflops_16bit", "tflops_fp32", "gb_per_s", "name"}`` for a known GPU, else None (CPUs included)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (t16, t32, bw) in _GPU_PEAKS:
+        if key.lower() in name.lower():
+            return {"name": name, "tflops_16bit": t16, "tflops_fp32": t32, "gb_per_s": bw}
+    return None
+
+
+def _throughput(work: Dict[str, float], ms: float, dtype: str = "", peaks: Optional[Dict[str, float]] = None
+                ) -> Dict[str, float]:
     out = {}
     s = ms / 1e3
     if s <= 0:
         return out
     if "flop" in work:
         out["tflops"] = work["flop"] / s / 1e12
+        if peaks:
+            out["pct_peak_flops"] = 100 * out["tflops"] / peaks["tflops_16bit" if "16" in dtype else "tflops_fp32"]
     if "bytes" in work:
         out["gb_per_s"] = work["bytes"] / s / 1e9
+        if peaks:
+            out["pct_peak_bw"] = 100 * out["gb_per_s"] / peaks["gb_per_s"]
     if "items" in work:
         out[f"{work.get('unit', 'items')}_per_s"] = work["items"] / s
     return out
@@ -172,12 +210,20 @@ def run(
     device: Optional[torch.device] = None,
     progress: bool = True,
     budget_s: Optional[float] = None,
+    paired: bool = True,
+    where: Optional[Callable[[Case], bool]] = None,
 ) -> List[dict]:
     """Run the named suites (default: all) and return one row per timed case.
 
-    Row keys: ``op, provider, mode, shape, dtype, device, p20, p50, p80``
-    (milliseconds), ``repeats``, ``ratio_vs_torch`` (None for a case without a
-    baseline in its group), and throughput columns from ``Case.work``.
+    Row keys: ``suite, op, provider, mode, shape, dtype, device, p20, p50, p80, min``
+    (milliseconds), ``repeats``, ``baseline``, ``ratio_vs_torch`` (None for a case
+    without a baseline in its group), throughput columns from ``Case.work``
+    (``tflops``, ``gb_per_s``, ``<unit>_per_s``; on a known GPU also
+    ``pct_peak_flops`` / ``pct_peak_bw``).
+
+    ``paired``: time the providers of each configuration round-robin
+    (:func:`measure_paired`); otherwise each case alone (:func:`measure`).
+    ``where``: keep only the cases for which it returns True.
     """
     registry = all_suites()
     names = list(registry) if not names else list(names)
@@ -187,34 +233,52 @@ def run(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if budget_s is None:
         budget_s = 0.15 if quick else 1.0
-    cases: List[Case] = []
+    peaks = device_peaks(device)
+    groups: Dict[tuple, List[tuple]] = {}
     for n in names:
-        cases.extend(registry[n](quick, device))
+        for case in registry[n](quick, device):
+            if where is None or where(case):
+                groups.setdefault((n,) + case.key(), []).append((n, case))
     rows: List[dict] = []
-    bar = _progress(len(cases), "turbotune bench", progress)
+    bar = _progress(sum(len(g) for g in groups.values()), "turbotune bench", progress)
+    warmup = 2 if quick else 5
+
+    def row(suite, case, t):
+        r = dict(
+            suite=suite, op=case.op, provider=case.provider, mode=case.mode, shape=case.shape, dtype=case.dtype,
+            device=case.device, p20=t.p20, p50=t.p50, p80=t.p80, min=t.min, repeats=t.repeats,
+            baseline=case.baseline, ratio_vs_torch=None,
+        )
+        r.update(_throughput(case.work, t.p50, case.dtype, peaks))
+        return r
+
     try:
-        for case in cases:
-            bar.set_postfix_str(f"{case.op} {case.provider} {case.mode} {case.shape}")
-            t = measure(case.fn, device, budget_s=budget_s, warmup=2 if quick else 5)
-            row = dict(
-                op=case.op, provider=case.provider, mode=case.mode, shape=case.shape, dtype=case.dtype,
-                device=case.device, p20=t.p20, p50=t.p50, p80=t.p80, repeats=t.repeats,
-                baseline=case.baseline, ratio_vs_torch=None,
-            )
-            row.update(_throughput(case.work, t.p50))
-            rows.append(row)
-            bar.update(1)
+        for members in groups.values():
+            first = members[0][1]
+            bar.set_postfix_str(f"{first.op} {first.mode} {first.shape}")
+            if paired and len(members) > 1:
+                timings = measure_paired([c.fn for _, c in members], device, warmup=warmup, budget_s=budget_s)
+                rows.extend(row(s, c, t) for (s, c), t in zip(members, timings))
+                bar.update(len(members))
+            else:
+                for s, c in members:
+                    rows.append(row(s, c, measure(c.fn, device, budget_s=budget_s, warmup=warmup)))
+                    bar.update(1)
     finally:
         bar.close()
-    base = {}
+    _ratios(rows)
+    return rows
+
+
+def _ratios(rows: List[dict]) -> None:
+    def key(r):
+        return (r.get("suite"), r["op"], r["mode"], r["shape"], r["dtype"], r["device"])
+
+    base = {key(r): r["p50"] for r in rows if r["baseline"]}
     for r in rows:
-        if r["baseline"]:
-            base[(r["op"], r["mode"], r["shape"], r["dtype"], r["device"])] = r["p50"]
-    for r in rows:
-        b = base.get((r["op"], r["mode"], r["shape"], r["dtype"], r["device"]))
+        b = base.get(key(r))
         if b is not None and r["p50"] > 0:
             r["ratio_vs_torch"] = b / r["p50"]
-    return rows
 
 
 def environment() -> dict:
@@ -241,49 +305,4 @@ def environment() -> dict:
     return env
 
 
-def markdown_table(rows: List[dict]) -> str:
-    """Rows as a Markdown table (times in ms; ratio = torch / provider, > 1 is faster)."""
-    extra = sorted({k for r in rows for k in r if k.endswith("_per_s") or k == "tflops"})
-    head = ["op", "provider", "mode", "shape", "dtype", "device", "p50 ms", "p20 ms", "p80 ms", "vs torch"] + extra
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        ratio = "baseline" if r["baseline"] else ("-" if r["ratio_vs_torch"] is None else f"{r['ratio_vs_torch']:.2f}x")
-        cells = [r["op"], r["provider"], r["mode"], r["shape"], r["dtype"], r["device"],
-                 f"{r['p50']:.4g}", f"{r['p20']:.4g}", f"{r['p80']:.4g}", ratio]
-        cells += [f"{r[k]:.4g}" if k in r else "" for k in extra]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _atomic_write(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_results(rows: List[dict], out_dir: str, name: str = "bench") -> Dict[str, str]:
-    """Write ``<out_dir>/<name>.json`` (rows + environment) and ``<name>.md``; return their paths.
-
-    Each file is written to a temporary name and renamed, so an interrupted run
-    never leaves a half-written result.
-    """
-    env = environment()
-    json_path = os.path.join(out_dir, f"{name}.json")
-    md_path = os.path.join(out_dir, f"{name}.md")
-    _atomic_write(json_path, json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
-    header = (
-        f"# turbotune bench — {env['date']}\n\n"
-        f"device: {env['device']}, torch {env['torch']}, triton {env['triton']}, "
-        f"{env['cpus']} CPUs ({env['torch_threads']} torch threads)\n\n"
-        "`vs torch` = stock PyTorch median time / this provider's median time (> 1 = faster).\n\n"
-    )
-    _atomic_write(md_path, header + markdown_table(rows))
-    return {"json": json_path, "markdown": md_path}
+from .report import markdown_table, write_report, write_results  # noqa: E402  (re-exported: the harness API)

@@ -15,4 +15,6 @@ from .dispatch import OptimizeHandle, optimize, register_path, registered_paths
 __all__ = ["optimize", "OptimizeHandle", "register_path", "registered_paths", "register_hf_attention",
            "hf_attention_registered"]
 
-from . import cnn  # noqa: E402,F401  registers the "cnn" path of optimize()
+# Model paths register themselves with optimize(), in dispatch order: BERT family first, then conv nets.
+from . import bert  # noqa: E402,F401
+from . import cnn  # noqa: E402,F401

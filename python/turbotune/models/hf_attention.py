@@ -9,8 +9,8 @@ to BOTH of transformers' registries:
   transformers v5 skips mask creation for an implementation it has no mask
   builder for and then calls the attention with ``attention_mask=None`` even
   when the batch is padded (a silently wrong result). Our builder returns the
-  2-D ``(B, Lk)`` key-padding mask (or None when nothing is padded), which the
-  kernel consumes directly, and a 4-D boolean mask for the exotic mask
+  2-D ``(B, Lk)`` padding mask (Hugging Face's ``attention_mask``, True = real
+  token; None when nothing is padded), which the kernel consumes directly, and a 4-D boolean mask for the exotic mask
   patterns (sliding windows, packed sequences) it cannot express as padding.
 
 After registration::
@@ -27,7 +27,6 @@ from typing import Optional
 import torch
 
 NAME = "turbotune"
-_registered = False
 
 
 def turbotune_attention_forward(
@@ -42,16 +41,17 @@ def turbotune_attention_forward(
     **kwargs,
 ):
     """transformers attention function: ``query/key/value`` ``(B, H, L, D)``;
-    ``attention_mask`` None, a 2-D ``(B, Lk)`` bool key-padding mask (True =
-    attend), a 4-D bool mask (True = attend) or a 4-D additive float mask.
-    Returns ``(out (B, Lq, H, D), None)`` (attention weights are never
-    materialized)."""
+    ``attention_mask`` None, a 2-D ``(B, Lk)`` bool/0-1 padding mask (True/1 =
+    real token, passed to :func:`turbotune.ops.attention` as its
+    ``attention_mask``), a 4-D bool mask (True = attend) or a 4-D additive
+    float mask (passed as ``attn_bias``). Returns ``(out (B, Lq, H, D), None)``
+    (attention weights are never materialized)."""
     from ..ops.attention import attention
 
-    kpm = bias = None
+    mask = bias = None
     if attention_mask is not None:
         if attention_mask.dim() == 2:
-            kpm = attention_mask
+            mask = attention_mask
         elif attention_mask.dim() == 4:
             if attention_mask.dtype == torch.bool:
                 bias = torch.zeros(attention_mask.shape, dtype=torch.float32, device=query.device)
@@ -72,7 +72,7 @@ def turbotune_attention_forward(
         key, value = key.to(query.dtype), value.to(query.dtype)
     out = attention(
         query, key, value,
-        key_padding_mask=kpm,
+        attention_mask=mask,
         attn_bias=bias,
         dropout_p=float(dropout) if module.training else 0.0,
         causal=bool(is_causal) and query.shape[2] > 1,
@@ -102,13 +102,11 @@ def turbotune_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int
 def register(name: str = NAME) -> str:
     """Register the attention function and its mask builder under ``name``
     (default ``"turbotune"``) with transformers; idempotent. Returns ``name``."""
-    global _registered
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(name, turbotune_attention_forward)
     AttentionMaskInterface.register(name, turbotune_mask)
-    _registered = True
     return name
 
 

@@ -8,8 +8,11 @@ Providers, for BERT shapes (GPU: B=32, H=12, D=64, L in {128, 256, 512}):
   pinned to one backend, for each backend that accepts the inputs (flash
   rejects any mask);
 - ``eager``: ``softmax(q k^T * scale + mask) v`` written out;
-- ``turbotune``: :func:`turbotune.ops.attention` (with a ``key_padding_mask``
-  for padded batches);
+- ``turbotune``: :func:`turbotune.ops.attention` (with an ``attention_mask``
+  for padded batches); its backward is FlashAttention-2's layout (dQ accumulated
+  with fp32 atomics);
+- ``turbotune-det`` (GPU only): the same with ``deterministic=True`` (dQ in a
+  second kernel, bit-reproducible);
 - ``turbotune-varlen``: :func:`turbotune.ops.attention_varlen` on the same
   padded batch unpadded once outside the timed region (as a padding-free
   encoder does: it unpads once per forward, not per layer).
@@ -87,20 +90,23 @@ def _config_cases(b, h, l, d, dtype, device, padded, dropout_p):
     # (B, L, H, D) projections viewed as (B, H, L, D), exactly what a BERT layer passes.
     leaves = [x[i].clone().requires_grad_() for i in range(3)]
     q, k, v = (t.transpose(1, 2) for t in leaves)
-    kpm = bias = bool_mask = None
+    mask = bias = bool_mask = None
     if padded:
         lens = torch.randint(l // 8, 7 * l // 8 + 1, (b,), generator=g)
-        kpm = (torch.arange(l).view(1, -1) < lens.view(-1, 1)).to(device)
-        bias = torch.zeros(b, 1, 1, l, device=device, dtype=dtype).masked_fill(~kpm.view(b, 1, 1, l), float("-inf"))
-        bool_mask = kpm.view(b, 1, 1, l)
+        mask = (torch.arange(l).view(1, -1) < lens.view(-1, 1)).to(device)
+        bias = torch.zeros(b, 1, 1, l, device=device, dtype=dtype).masked_fill(~mask.view(b, 1, 1, l), float("-inf"))
+        bool_mask = mask.view(b, 1, 1, l)
     flop = 4.0 * b * h * l * l * d
     work = {"fwd": {"flop": flop}, "bwd": {"flop": 2.5 * flop}, "fwd+bwd": {"flop": 3.5 * flop}}
 
     providers = {
         "torch": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, dropout_p=dropout_p),
         "eager": lambda: _eager(q, k, v, bias, dropout_p),
-        "turbotune": lambda: attention(q, k, v, key_padding_mask=kpm, dropout_p=dropout_p),
+        "turbotune": lambda: attention(q, k, v, attention_mask=mask, dropout_p=dropout_p),
     }
+    if device.type == "cuda":  # on CPU the flag changes nothing (no atomics there)
+        providers["turbotune-det"] = lambda: attention(q, k, v, attention_mask=mask, dropout_p=dropout_p,
+                                                       deterministic=True)
     for name, be in _sdpa_backends(device).items():
         def run(be=be):
             with _pinned(be):
@@ -109,7 +115,7 @@ def _config_cases(b, h, l, d, dtype, device, padded, dropout_p):
         providers[name] = run
     varlen_leaves = None
     if padded:
-        packed, _, cu, mx = unpad_input(torch.stack([t.detach() for t in leaves], 2), kpm)
+        packed, _, cu, mx = unpad_input(torch.stack([t.detach() for t in leaves], 2), mask)
         varlen_leaves = [packed[:, i].contiguous().requires_grad_() for i in range(3)]
         qv, kv, vv = varlen_leaves
         providers["turbotune-varlen"] = lambda: attention_varlen(qv, kv, vv, cu, cu, mx, mx, dropout_p=dropout_p)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import Case, register_suite
-from ...ops import _attention_native_cpu as native
+from ...ops.attention import native_cpu as native
 
 MODELS = {"MiniLM": (12, 32), "BERT-base": (12, 64)}
 BATCH = 32

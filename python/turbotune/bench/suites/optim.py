@@ -86,9 +86,21 @@ def numel(shapes) -> int:
 
 
 class _Slot:
-    """Only one optimizer (and its state) alive at a time: BERT-base state is ~0.9 GB each."""
+    """Only one configuration's optimizers (and their state) alive at a time: BERT-base state is ~0.9 GB
+    per optimizer. The harness times the providers of a configuration round-robin, so they coexist."""
 
-    current = None
+    group = None
+    holders: list = []
+
+    @classmethod
+    def enter(cls, group, holder) -> None:
+        if cls.group != group:
+            for h in cls.holders:
+                h.clear()
+            cls.holders = []
+            cls.group = group
+            gc.collect()
+        cls.holders.append(holder)
 
 
 def _params(shapes, dtype, device, seed=0, channels_last=False):
@@ -124,27 +136,24 @@ def cnn_providers():
     ]
 
 
-def _lazy_call(make: Callable[[], Callable[[], object]]) -> Callable[[], None]:
-    """A case function that builds its step function (optimizer, state, buffers) on first call, freeing
-    the previous case's first: only one is alive at a time."""
+def _lazy_call(make: Callable[[], Callable[[], object]], group=None) -> Callable[[], None]:
+    """A case function that builds its step function (optimizer, state, buffers) on first call; the cases of
+    one ``group`` (a configuration, timed round-robin) coexist, an earlier group's are freed (:class:`_Slot`)."""
     holder = {}
 
     def fn():
         step = holder.get("step")
         if step is None:
-            if _Slot.current is not None:
-                _Slot.current.clear()
-                gc.collect()
+            _Slot.enter(group, holder)
             step = make()
             holder["step"] = step
-            _Slot.current = holder
         step()
 
     return fn
 
 
-def _lazy_step(make: Callable[[], torch.optim.Optimizer]) -> Callable[[], None]:
-    return _lazy_call(lambda: make().step)
+def _lazy_step(make: Callable[[], torch.optim.Optimizer], group=None) -> Callable[[], None]:
+    return _lazy_call(lambda: make().step, group)
 
 
 CLIP_NORM = 1.0  # below the global norm of the bench gradients (~4.8 MiniLM, ~10.5 BERT-base): clipping is active
@@ -181,13 +190,13 @@ def clip_step_providers(quick: bool):
     return out
 
 
-def _lazy_copy(n: int, device: torch.device) -> Callable[[], None]:
+def _lazy_copy(n: int, device: torch.device, group=None) -> Callable[[], None]:
     def make():
         k = 7 * n // 2  # fp32 elements in 14 B/param
         src, dst = torch.ones(k, device=device), torch.empty(k, device=device)
         return lambda: dst.copy_(src)
 
-    return _lazy_call(make)
+    return _lazy_call(make, group)
 
 
 def _providers(dtype: str, quick: bool):
@@ -228,27 +237,28 @@ def optim_suite(quick: bool, device: torch.device) -> Iterable[Case]:
                             shape=f"{model} ({n / 1e6:.1f}M params, {len(shapes)} tensors)", dtype=dtype_name,
                             device=str(device.type), fn=fn, baseline=baseline, work={"bytes": float(traffic)})
 
+            group = (model, dtype_name)
             for name, baseline, make in _providers(dtype_name, quick):
                 traffic = 28 * n
                 if name == "torch-fused(no master)":
                     traffic = (2 * 2 + 2 + 2 * 2 * 2) * n  # bf16: p r/w, g r, m and v r/w
                 elif name == "turbotune(bf16 state)":
                     traffic = (2 + 2 + 4 * 2 + 2 * 2 * 2) * n  # p w, g r, master r/w, bf16 m and v r/w
-                yield case(name, "step", _lazy_step(lambda make=make, params=params: make(params())), baseline,
-                           traffic)
+                yield case(name, "step", _lazy_step(lambda make=make, params=params: make(params()), group),
+                           baseline, traffic)
             if dtype_name == "fp32":
                 for name, baseline, bpp, make in clip_step_providers(quick):
-                    yield case(name, "clip+step", _lazy_call(lambda make=make, params=params: make(params())),
-                               baseline, bpp * n)
+                    yield case(name, "clip+step", _lazy_call(lambda make=make, params=params: make(params()),
+                                                             (group, "clip")), baseline, bpp * n)
                 # bandwidth floor: a plain copy moving the same 28 B/param (read 14, write 14)
-                yield case("copy (28 B/param floor)", "step", _lazy_copy(n, device), False, 28 * n)
+                yield case("copy (28 B/param floor)", "step", _lazy_copy(n, device, group), False, 28 * n)
     for model in (["resnet18-11.7M"] if quick else list(CNN_MODELS)):
         shapes = cnn_shapes(model)
         n = numel(shapes)
         shape = f"{model} ({n / 1e6:.1f}M params, {len(shapes)} tensors, conv weights channels_last)"
         for name, baseline, make in cnn_providers():
             fn = _lazy_call(lambda make=make, shapes=shapes: make(_params(shapes, torch.float32, device,
-                                                                          channels_last=True)))
+                                                                          channels_last=True)), (model, "fp32"))
             yield Case(op="adamw_step", provider=name, mode="step", shape=shape, dtype="fp32",
                        device=str(device.type), fn=fn, baseline=baseline, work={"bytes": float(28 * n)})
 

@@ -26,7 +26,7 @@ Semantics (the same as every other attention path of turbotune):
   ``bh = b * H + h``, word ``n % 4`` of the block with counter ``(n // 4, bh,
   offset, 0)``, key ``(seed & 0xffffffff, seed >> 32)``, kept when ``word >> 8
   >= round(p * 2**24)``, kept probabilities scaled by ``1 / (1 - p)``); the
-  backward regenerates it. ``offset`` is used modulo 2**32.
+  backward regenerates it. ``seed`` in ``[0, 2**63)``, ``offset`` in ``[0, 2**32)`` (:mod:`.philox`'s limits).
 
 Inputs may have any strides (e.g. ``(B, L, H, D)`` projections viewed as
 ``(B, H, L, D)``); outputs are allocated with ``torch.empty_like`` (so they
@@ -45,7 +45,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _native
+from ... import _native
+from .philox import MAX_SEED, check_offset
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -62,7 +63,6 @@ __all__ = [
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _RNG_BITS = 24
-_M32 = 0xFFFFFFFF
 _SIMD_CHOICES = ("auto", "generic", "avx2", "avx512")
 
 
@@ -140,12 +140,11 @@ def _check_scalars(fn: str, dropout_p, causal, scale, seed, offset) -> Tuple[flo
         raise TypeError(f"{fn}: causal must be a bool, got {type(causal).__name__}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"{fn}: scale must be a finite float, got {scale!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"{fn}: seed must be an int in [0, 2**64), got {seed!r}")
-    if isinstance(offset, bool) or not isinstance(offset, int):
-        raise ValueError(f"{fn}: offset must be an int, got {offset!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
+        raise ValueError(f"{fn}: seed must be an int in [0, 2**63), got {seed!r}")
+    check_offset(fn, offset)
     p = float(dropout_p)
-    return p, int(round(p * (1 << _RNG_BITS))), offset & _M32
+    return p, int(round(p * (1 << _RNG_BITS))), offset
 
 
 def _check_key_mask(fn: str, key_mask, b: int, lk: int) -> Optional[Tensor]:
@@ -292,7 +291,7 @@ def varlen_forward(
             total_q / total_k; sequence ``b`` is rows ``cu[b]:cu[b + 1]`` (lengths may be 0).
         max_q, max_k: ints >= the longest query / key sequence.
         dropout_p: in ``[0, 1)``. causal: bool (per sequence, bottom-right aligned).
-        scale: softmax scale (finite float). seed: int in ``[0, 2**64)``. offset: int (mod 2**32).
+        scale: softmax scale (finite float). seed: int in ``[0, 2**63)``. offset: int in ``[0, 2**32)``.
         simd: ``"auto"`` or a variant to force (tests).
 
     Returns:
@@ -396,3 +395,38 @@ def dropout_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int, dropout_p
     if out.numel():
         _lib().attention_dropout_mask_cpu(out.data_ptr(), 0, batch * heads, seqlen_q, seqlen_k, thr, seed, off, simd)
     return out.view(torch.bool)
+
+
+# ----------------------------------------------------------------------------- the op's seam
+
+
+def _int32(cu: Tensor) -> Tensor:
+    return cu if cu.dtype == torch.int32 else cu.to(torch.int32)
+
+
+class OpImplementation:
+    """These kernels behind :class:`.cpu.NativeAttention` (the reference's signatures), as
+    :func:`.cpu.register_native` takes them. ``attn_bias`` is never given (calls with a bias
+    take another path)."""
+
+    DTYPES = SUPPORTED_DTYPES
+
+    @staticmethod
+    def forward(q, k, v, attention_mask, attn_bias, dropout_p, causal, scale, seed, offset):
+        return dense_forward(q, k, v, attention_mask, causal, scale, dropout_p, seed, offset)
+
+    @staticmethod
+    def backward(dout, q, k, v, out, lse, attention_mask, attn_bias, dropout_p, causal, scale, seed, offset,
+                 bias_grad=False):
+        dq, dk, dv = dense_backward(dout, q, k, v, out, lse, attention_mask, causal, scale, dropout_p, seed, offset)
+        return dq, dk, dv, None
+
+    @staticmethod
+    def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset):
+        return varlen_forward(q, k, v, _int32(cu_q), _int32(cu_k), max_q, max_k, dropout_p, causal, scale, seed,
+                              offset)
+
+    @staticmethod
+    def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset):
+        return varlen_backward(dout, q, k, v, out, lse, _int32(cu_q), _int32(cu_k), max_q, max_k, dropout_p, causal,
+                               scale, seed, offset)

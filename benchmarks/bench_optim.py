@@ -10,9 +10,11 @@ Run as a script to print the Markdown tables recorded in benchmarks/RESULTS.md:
                                                   # the same machine load; + the memory table
     python benchmarks/bench_optim.py --paired-clip  # AdamW(max_grad_norm) vs torch clip_grad_norm_ + fused
                                                     # step, paired, 20+ steps, weights compared at the end
+    python benchmarks/bench_optim.py --paired-cnn   # ResNet-18 / -50 mixes, conv weights channels_last:
+                                                    # turbotune vs torch fused vs turbotune's reference path
 
 TURBOTUNE_BENCH_THREADS=n pins torch.set_num_threads (the native kernels use OpenMP's own count:
-set OMP_NUM_THREADS=n too to pin both). TURBOTUNE_BENCH_CLOCK=thread times ``--paired-clip`` in CPU time
+set OMP_NUM_THREADS=n too to pin both). TURBOTUNE_BENCH_CLOCK=thread times the ``--paired-*`` modes in CPU time
 of the calling thread (meaningful with one thread: the kernels' own cost on a machine shared with other jobs).
 """
 import gc
@@ -99,17 +101,65 @@ def paired_clip(model: str, reps: int) -> str:
             f"| {err_tt:.1e} / {err_torch:.1e} |")
 
 
+CNN_HEADER = ("| mix (conv weights channels_last) | torch fused min / median ms | turbotune min / median ms "
+              "| turbotune reference path min / median ms | torch fused on contiguous copies min / median ms "
+              "| torch / turbotune min / median | reference path / turbotune min / median "
+              "| torch on contiguous / turbotune min / median | weights max rel diff vs torch (<= 1e-6) |")
+
+
+def paired_cnn(model: str, reps: int) -> str:
+    """One Markdown row: an fp32 step on a ResNet parameter mix whose conv weights (and grads) are
+    channels_last, as ``turbotune.optimize(cnn)`` leaves them: torch's fused AdamW, turbotune's native kernel
+    and turbotune's reference path (what these params took before the kernels accepted dense layouts), each on
+    its own copy of the same params and grads, paired (:func:`turbotune.bench.timer.measure_paired`); and
+    torch's fused AdamW on contiguous copies (its kernel without the layout). After the run turbotune's and
+    torch's weights must agree to 1e-6 relative (max |a - b| / max |b| over each tensor)."""
+    import time
+
+    from turbotune.bench.suites.optim import _params, cnn_providers, cnn_shapes, numel
+    from turbotune.bench.timer import measure_paired
+
+    shapes = cnn_shapes(model)
+    n = numel(shapes)
+    providers = cnn_providers()
+    sets = [_params(shapes, torch.float32, torch.device("cpu"), channels_last=True) for _ in providers]
+    fns = [make(ps) for (_, _, make), ps in zip(providers, sets)]
+    contiguous = _params(shapes, torch.float32, torch.device("cpu"))
+    fns.append(torch.optim.AdamW(contiguous, lr=1e-4, fused=True).step)
+    clock = time.thread_time if CLOCK == "thread" else time.perf_counter
+    t = measure_paired(fns, torch.device("cpu"), warmup=2, rounds=reps, clock=clock)
+    names = [name for name, _, _ in providers]
+    torch_ps, tt_ps = sets[names.index("torch-fused")], sets[names.index("turbotune")]
+    worst = max(((p - q).abs().max() / q.abs().max().clamp_min(1e-30)).item() for p, q in zip(tt_ps, torch_ps))
+    ok = "yes" if worst <= 1e-6 else "NO"
+    theirs, ours, ref, contig = t  # the order of cnn_providers() + torch on contiguous copies
+
+    def ratio(a, b):
+        return f"{a.min / b.min:.2f}x / {a.p50 / b.p50:.2f}x"
+
+    return (f"| {model} ({n / 1e6:.1f}M, {len(shapes)} tensors) | "
+            + " | ".join(f"{x.min:.1f} / {x.p50:.1f}" for x in t)
+            + f" | **{ratio(theirs, ours)}** | {ratio(ref, ours)} | {ratio(contig, ours)} | {worst:.1e} ({ok}) |")
+
+
+PAIRED = {
+    "--paired-clip": (paired_clip, CLIP_HEADER, (("minilm-22M", 30), ("bert-base-110M", 20))),
+    "--paired-cnn": (paired_cnn, CNN_HEADER, (("resnet18-11.7M", 30), ("resnet50-25.6M", 20))),
+}
+
 if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("TURBOTUNE_BENCH_THREADS", torch.get_num_threads())))
-    if "--paired-clip" not in sys.argv:
+    modes = [m for m in PAIRED if m in sys.argv]
+    if not modes:
         main("--full" in sys.argv)
-    else:
+    for mode in modes:
+        fn, header, runs = PAIRED[mode]
         if CLOCK == "thread" and torch.get_num_threads() != 1:
             raise SystemExit("TURBOTUNE_BENCH_CLOCK=thread needs one thread: OMP_NUM_THREADS=1 TURBOTUNE_BENCH_THREADS=1")
-        print(f"--paired-clip: torch {torch.__version__}, {torch.get_num_threads()} threads, {CLOCK} clock, "
+        print(f"{mode}: torch {torch.__version__}, {torch.get_num_threads()} threads, {CLOCK} clock, "
               f"load average {os.getloadavg()[0]:.1f}")
-        print(CLIP_HEADER)
-        print("|---" * (CLIP_HEADER.count("|") - 1) + "|")
-        for model, reps in (("minilm-22M", 30), ("bert-base-110M", 20)):
-            print(paired_clip(model, reps), flush=True)
+        print(header)
+        print("|---" * (header.count("|") - 1) + "|")
+        for model, reps in runs:
+            print(fn(model, reps), flush=True)
             gc.collect()  # the previous mix's params and optimizer state are gone before the next one

@@ -28,7 +28,8 @@ int runtime_version();
 //
 // dtype codes: 0 = float32, 1 = float16, 2 = bfloat16. Every pointer array has
 // n entries and lives in HOST memory (the kernels receive them through launch
-// metadata); the pointers in it are device pointers to contiguous tensors.
+// metadata); the pointers in it are device pointers to dense tensors,
+// walked in memory order (tensors updated together share one layout).
 // Nothing here synchronises the host with the device.
 namespace turbotune {
 namespace cuda {

@@ -1,8 +1,8 @@
 // CPU AdamW and multi-tensor clipping kernels (see adamw.h).
 //
 // Structure:
-//   * storage types (fp32 / fp16 / bf16) with branch-free conversions so the
-//     per-element loop vectorises;
+//   * storage types (fp32 / fp16 / bf16): cpu/half.h, branch-free conversions
+//     so the per-element loop vectorises;
 //   * one templated element loop per (param, state, master, amsgrad, stochastic
 //     rounding, grad write-back) combination, compiled three times — AVX-512,
 //     AVX2+FMA+F16C and generic x86-64 — through target attributes, picked once
@@ -25,6 +25,8 @@
 //   den = sqrt(v or vm) / sqrt(1 - b2^t) + eps
 //   p   = p + (-lr / (1 - b1^t)) * m / den
 #include "cpu/adamw.h"
+#include "cpu/half.h"
+#include "cpu/simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -38,77 +40,12 @@
 #include <omp.h>
 #endif
 
-#if defined(__GNUC__)
-#define TT_INLINE inline __attribute__((always_inline))
-#else
-#define TT_INLINE inline
-#endif
-
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-#define TT_X86 1
-#define TT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
-#define TT_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#endif
-
 namespace turbotune {
 namespace cpu {
 namespace {
 
 constexpr int64_t kChunk = 32768;            // elements per parallel work item
 constexpr int64_t kSerialBelow = 1 << 16;    // total elements below which one thread does it all
-
-TT_INLINE uint32_t f2u(float f) { return __builtin_bit_cast(uint32_t, f); }
-TT_INLINE float u2f(uint32_t u) { return __builtin_bit_cast(float, u); }
-
-// ------------------------------------------------------------------ storage types
-
-struct F32 {
-  using T = float;
-  static TT_INLINE float load(T x) { return x; }
-  static TT_INLINE T store(float x) { return x; }
-};
-
-struct BF16 {
-  using T = uint16_t;
-  static TT_INLINE float load(T x) { return u2f(uint32_t(x) << 16); }
-  // Round to nearest even; NaN stays a (quiet) NaN.
-  static TT_INLINE T store(float f) {
-    uint32_t u = f2u(f);
-    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    uint32_t nan = (u >> 16) | 0x40u;
-    return T((u & 0x7FFFFFFFu) > 0x7F800000u ? nan : r);
-  }
-  // Stochastic rounding (sr::round_bf16_stochastic, shared with the CUDA kernel).
-  static TT_INLINE T store_stochastic(float f, uint32_t rnd) { return sr::round_bf16_stochastic(f2u(f), rnd); }
-};
-
-struct F16 {
-  using T = uint16_t;
-  // Branch-free half -> float (exact for normals, subnormals, inf and NaN).
-  static TT_INLINE float load(T h) {
-    uint32_t sign = (uint32_t(h) & 0x8000u) << 16;
-    uint32_t em = uint32_t(h) & 0x7FFFu;
-    float mag = u2f(em << 13) * 0x1p112f;  // rebias exponent (also scales subnormals)
-    uint32_t bits = f2u(mag);
-    bits = em >= 0x7C00u ? (bits | 0x7F800000u) : bits;  // inf / NaN
-    return u2f(bits | sign);
-  }
-  // float -> half, round to nearest even, overflow to inf, NaN to quiet NaN.
-  static TT_INLINE T store(float f) {
-    uint32_t u = f2u(f);
-    uint32_t sign = (u >> 16) & 0x8000u;
-    u &= 0x7FFFFFFFu;
-    // normal range
-    uint32_t mant_odd = (u >> 13) & 1u;
-    uint32_t normal = (u + (uint32_t(15 - 127) << 23) + 0xFFFu + mant_odd) >> 13;
-    // subnormal range: let the FPU round by adding a magic number
-    const uint32_t denorm_magic = uint32_t((127 - 15) + (23 - 10) + 1) << 23;
-    uint32_t sub = f2u(u2f(u) + u2f(denorm_magic)) - denorm_magic;
-    uint32_t out = u < (113u << 23) ? sub : normal;
-    out = u >= (143u << 23) ? (u > 0x7F800000u ? 0x7E00u : 0x7C00u) : out;
-    return T(out | sign);
-  }
-};
 
 // ------------------------------------------------------------------ AdamW element loop
 
@@ -176,7 +113,7 @@ TT_INLINE void adamw_body(const Slice& s) {
       master[i] = param;
       p[i] = P::store(param);
     } else if (kSR) {
-      p[i] = BF16::store_stochastic(param, sr::element_bits(c.seed, base + uint32_t(i)));
+      p[i] = sr::round_bf16_stochastic(f2u(param), sr::element_bits(c.seed, base + uint32_t(i)));
     } else {
       p[i] = P::store(param);
     }

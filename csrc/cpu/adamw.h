@@ -2,7 +2,10 @@
 // and the stochastic-rounding bits shared with the CUDA kernels.
 //
 // Host C++ only: no torch, no Python. Tensors arrive as raw pointers + element
-// counts; every tensor is contiguous. Math is fp32 whatever the storage dtype.
+// counts and are walked as flat arrays in memory order: any dense layout
+// (contiguous, channels_last, ...) works as long as the tensors updated together
+// (param, grad, moments, master copy) share it; the Python side ensures that.
+// Math is fp32 whatever the storage dtype.
 // The `sr` section below is also compiled by nvcc (kernels/adamw.cu includes
 // this header): it is the one definition of the random bits of stochastic
 // rounding, so the CPU and CUDA kernels round identically for the same seed.
@@ -45,7 +48,8 @@ TT_HOST_DEVICE uint32_t tensor_seed(uint64_t seed, uint64_t tensor_index) {
   return hash32(static_cast<uint32_t>(s ^ (s >> 32)));
 }
 
-// Random bits of element `index` (its position in the tensor, mod 2^32).
+// Random bits of element `index`: its position in the tensor's memory, mod 2^32
+// (the flat index of a contiguous tensor; the storage offset of a channels_last one).
 TT_HOST_DEVICE uint32_t element_bits(uint32_t tensor_key, uint32_t index) { return hash32(index ^ tensor_key); }
 
 // fp32 bits -> bf16 bits, rounded up with probability (discarded fraction):

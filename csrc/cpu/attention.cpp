@@ -32,6 +32,8 @@
 // seed high); kept when (word >> 8) >= threshold. Blocks are generated for a
 // whole query block at once (consecutive positions), four positions a block.
 #include "cpu/attention.h"
+#include "cpu/half.h"  // F32 / BF16 / F16 storage types, shared with the AdamW kernels
+#include "cpu/simd.h"  // TT_INLINE, TT_X86, TT_TARGET_*: the SIMD variants, as the AdamW kernels
 
 #include <algorithm>
 #include <cmath>
@@ -51,71 +53,12 @@
 #include <omp.h>
 #endif
 
-#if defined(__GNUC__)
-#define TT_INLINE inline __attribute__((always_inline))
-#else
-#define TT_INLINE inline
-#endif
-
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-#define TT_X86 1
-#define TT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
-#define TT_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#endif
-
 namespace turbotune {
 namespace cpu {
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// ------------------------------------------------------------------ storage types
-// (Same conversions as the AdamW kernels: round to nearest even, NaN stays NaN.)
-
-TT_INLINE uint32_t f2u(float f) { return __builtin_bit_cast(uint32_t, f); }
-TT_INLINE float u2f(uint32_t u) { return __builtin_bit_cast(float, u); }
-
-struct F32 {
-  using T = float;
-  static TT_INLINE float load(T x) { return x; }
-  static TT_INLINE T store(float x) { return x; }
-};
-
-struct BF16 {
-  using T = uint16_t;
-  static TT_INLINE float load(T x) { return u2f(uint32_t(x) << 16); }
-  static TT_INLINE T store(float f) {
-    uint32_t u = f2u(f);
-    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    uint32_t nan = (u >> 16) | 0x40u;
-    return T((u & 0x7FFFFFFFu) > 0x7F800000u ? nan : r);
-  }
-};
-
-struct F16 {
-  using T = uint16_t;
-  static TT_INLINE float load(T h) {
-    uint32_t sign = (uint32_t(h) & 0x8000u) << 16;
-    uint32_t em = uint32_t(h) & 0x7FFFu;
-    float mag = u2f(em << 13) * 0x1p112f;
-    uint32_t bits = f2u(mag);
-    bits = em >= 0x7C00u ? (bits | 0x7F800000u) : bits;
-    return u2f(bits | sign);
-  }
-  static TT_INLINE T store(float f) {
-    uint32_t u = f2u(f);
-    uint32_t sign = (u >> 16) & 0x8000u;
-    u &= 0x7FFFFFFFu;
-    uint32_t mant_odd = (u >> 13) & 1u;
-    uint32_t normal = (u + (uint32_t(15 - 127) << 23) + 0xFFFu + mant_odd) >> 13;
-    const uint32_t denorm_magic = uint32_t((127 - 15) + (23 - 10) + 1) << 23;
-    uint32_t sub = f2u(u2f(u) + u2f(denorm_magic)) - denorm_magic;
-    uint32_t out = u < (113u << 23) ? sub : normal;
-    out = u >= (143u << 23) ? (u > 0x7F800000u ? 0x7E00u : 0x7C00u) : out;
-    return T(out | sign);
-  }
-};
 
 // ------------------------------------------------------------------ vectors
 

@@ -303,3 +303,47 @@ def test_cuda_clip_grad_norm():
     torch.testing.assert_close(total, ref, rtol=1e-5, atol=0)
     for p, q in zip(ps, qs):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_dense_layouts_are_native_and_layout_independent(monkeypatch, dtype):
+    """channels_last / channels_last_3d / transposed params on the GPU: the CUDA kernel walks their memory
+    (state in the param's layout, a grad of another layout copied into it), with the same bits as on
+    contiguous copies; AdamW(max_grad_norm) and clip_grad_norm_ take the CUDA norm on them."""
+    dev = torch.device("cuda")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the reference path ran for a dense param")
+
+    monkeypatch.setattr(AdamW, "_step_reference", fail)
+    cl, cl3 = torch.channels_last, torch.channels_last_3d
+    init = [torch.randn(16, 8, 3, 3).contiguous(memory_format=cl),
+            torch.randn(128, 67, 3, 3).contiguous(memory_format=cl),
+            torch.randn(5, 7, 3, 3).contiguous(memory_format=cl),
+            torch.randn(4, 3, 3, 5, 2).contiguous(memory_format=cl3),
+            torch.randn(13, 7).t(), torch.randn(16)]
+    a = [torch.nn.Parameter(t.to(device=dev, dtype=dtype)) for t in init]  # .to keeps the layout
+    c = [torch.nn.Parameter(t.contiguous().to(device=dev, dtype=dtype)) for t in init]
+    oa, oc = AdamW(a, **HYPER), AdamW(c, **HYPER)
+    for it in range(4):
+        for p, q in zip(a, c):
+            g = torch.randn(p.shape, device=dev).to(dtype)
+            p.grad = g.clone() if it == 2 else torch.empty_like(p).copy_(g)  # step 2: contiguous grads
+            q.grad = g.clone()
+        oa.step()
+        oc.step()
+    for p, q in zip(a, c):
+        assert torch.equal(p, q)
+        for name, t in oa.state[p].items():
+            if name != "step":
+                assert torch.equal(t, oc.state[q][name]), name
+                assert all(x == y for n, x, y in zip(p.shape, t.stride(), p.stride()) if n > 1), name
+    # the norm sums in memory order: equal to the contiguous one up to fp32 rounding
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    clipping = AdamW(a, max_grad_norm=1.0, **HYPER)
+    clipping.step()
+    torch.testing.assert_close(clipping.last_grad_norm, torch.nn.utils.clip_grad_norm_(c, 1e9).float(), rtol=rtol,
+                               atol=0)
+    total = clip_grad_norm_(a, 0.5)
+    ref = torch.nn.utils.clip_grad_norm_(c, 0.5)
+    torch.testing.assert_close(total, ref.float(), rtol=rtol, atol=0)

@@ -13,7 +13,7 @@ what turbotune's AdamW offers on top of it:
 
 It is also the fallback the optimizer uses where no native kernel can run
 (``TURBOTUNE_BACKEND=reference``, a build without the extension, or
-non-contiguous params).
+params whose memory has gaps, e.g. a strided slice).
 """
 from __future__ import annotations
 

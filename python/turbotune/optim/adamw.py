@@ -22,6 +22,13 @@ of the native multi-tensor kernel — C++/OpenMP on CPU, CUDA C++ on the current
 stream on GPU — or the readable single-tensor reference
 (:mod:`turbotune.optim._reference`) where no kernel can run.
 
+Layouts: the kernels walk a param's memory as one flat array, so they take any
+param whose storage is dense (contiguous, channels_last / channels_last_3d conv
+weights as ``turbotune.optimize(cnn)`` makes them, a transposed weight, ...).
+Moments and the master copy are kept in the param's layout; a gradient in
+another layout (or dtype) is copied into it for the kernel. Params with gaps
+in memory (a strided slice) take the reference path.
+
 GradScaler: the class sets ``_step_supports_amp_scaling``; ``GradScaler.step``
 then hands the optimizer ``grad_scale`` / ``found_inf`` tensors instead of
 unscaling itself. As torch's fused AdamW, the step divides each gradient by the
@@ -48,6 +55,7 @@ import torch
 from torch import Tensor
 
 from .. import _native, backend
+from ._layout import is_dense, like, same_layout
 from ._reference import adamw_single_tensor
 from .clip import DTYPE_CODE, global_grad_norm
 
@@ -187,18 +195,18 @@ def _count_steps(steps: List[Tensor], found_inf: Optional[Tensor]) -> None:
 
 def _kernel_pointers(params, ptrs, amsgrad: bool, master: bool):
     """The per-tensor lists the native kernels take: pointers to params, grads (in
-    the param's dtype, contiguous), exp_avg, exp_avg_sq, max_exp_avg_sq (or []),
+    the param's dtype and layout), exp_avg, exp_avg_sq, max_exp_avg_sq (or []),
     master copies (or []), and the element counts; ``ptrs`` are the entries
     :meth:`AdamW._prepare_state` returned. Returns ``(grads, lists)``: the caller
-    keeps ``grads`` alive until the kernel has read them (a dtype conversion or
-    ``contiguous()`` may have made temporaries; a kernel that writes the grads
-    back leaves its result there)."""
+    keeps ``grads`` alive until the kernel has read them (a grad of another dtype
+    or layout than its param is copied into a temporary in the param's; a kernel
+    that writes the grads back leaves its result there)."""
     grads = []
     for p in params:
         g = p.grad
-        if g.dtype != p.dtype:
-            g = g.to(p.dtype)
-        grads.append(g if g.is_contiguous() else g.contiguous())
+        if g.dtype != p.dtype or not same_layout(g, p):
+            g = like(p, p.dtype, g)  # the kernel walks p's memory order: the grad must share it
+        grads.append(g)
     return grads, (
         [e[0] for e in ptrs],
         [g.data_ptr() for g in grads],
@@ -212,7 +220,7 @@ def _kernel_pointers(params, ptrs, amsgrad: bool, master: bool):
 
 def _unscale_other_grads(params, grads, unscale: Union[float, Tensor]) -> None:
     """The kernel wrote the unscaled grads back into ``grads``; where that was a temporary (a
-    grad of another dtype than its param, or not contiguous), unscale ``p.grad`` itself."""
+    grad of another dtype or layout than its param), unscale ``p.grad`` itself."""
     for p, g in zip(params, grads):
         if g is not p.grad:
             p.grad.mul_(unscale)
@@ -417,7 +425,7 @@ class AdamW(torch.optim.Optimizer):
             st = self.state[p]
             for name, value in tensors.items():
                 dtype = torch.float32 if name == _MASTER else group["state_dtype"]
-                st[name] = value.detach().to(device=p.device, dtype=dtype).clone(memory_format=torch.contiguous_format)
+                st[name] = like(p, dtype, value.detach())  # the param's device, dtype kept here and layout
         self._ready = {}
 
     # ------------------------------------------------------------------ state
@@ -437,7 +445,7 @@ class AdamW(torch.optim.Optimizer):
         st = self.state[p]
         sdt = group["state_dtype"]
         master = _uses_master(group, p)
-        config = (sdt, master, bool(group["amsgrad"]), native_cuda, p.device, p.dtype, p.shape)
+        config = (sdt, master, bool(group["amsgrad"]), native_cuda, p.device, p.dtype, p.shape, p.stride())
         ready = self._ready.get(id(p))
         if (ready is not None and ready[0] is p and ready[1] == config and ready[3][0] == p.data_ptr()
                 and all(st.get(k) is t for k, t in ready[2])):
@@ -445,9 +453,10 @@ class AdamW(torch.optim.Optimizer):
 
         if len(st) == 0 or "exp_avg" not in st:
             st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if native_cuda else "cpu")
-            st["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.contiguous_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.contiguous_format)
+            st["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)  # p's layout
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
         index = None
+        dense = is_dense(p)
         for name in _OWN_STATE:
             t = st.get(name)
             if t is None:
@@ -457,14 +466,15 @@ class AdamW(torch.optim.Optimizer):
                 index = self._param_index(p) if index is None else index
                 _check_state_tensor(index, name, t, p)
             want = torch.float32 if name == _MASTER else sdt
-            if t.dtype != want or t.device != p.device or not t.is_contiguous():
-                # e.g. the model moved to another device after the state was created (the master copy too)
-                st[name] = t.to(device=p.device, dtype=want).contiguous()
+            if t.dtype != want or t.device != p.device or not (same_layout(t, p) if dense else is_dense(t)):
+                # e.g. the model moved to another device, or its conv weights to another memory format, after
+                # the state was created (the master copy too): convert once, into the param's layout
+                st[name] = like(p, want, t)
         if group["amsgrad"] and "max_exp_avg_sq" not in st:
-            st["max_exp_avg_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.contiguous_format)
+            st["max_exp_avg_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
         if master:
             if _MASTER not in st:
-                st[_MASTER] = p.detach().to(torch.float32, memory_format=torch.contiguous_format).clone()
+                st[_MASTER] = like(p, torch.float32, p.detach())
         elif _MASTER in st:
             del st[_MASTER]
         step = st.get("step")
@@ -518,7 +528,7 @@ class AdamW(torch.optim.Optimizer):
                 impl_name = chosen.get(key)
                 if impl_name is None:
                     impl_name = chosen[key] = backend.select(OP, p.device, p.dtype).impl
-                native = impl_name == backend.NATIVE and p.is_contiguous()
+                native = impl_name == backend.NATIVE and is_dense(p)
                 impl = "native" if native else "reference"
                 buckets[(impl, p.device, p.dtype, _uses_master(group, p))].append(p)
             for (impl, device, dtype, master), params in buckets.items():

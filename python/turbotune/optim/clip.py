@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _native, backend
+from ._layout import is_dense
 
 OP = "clip_grad_norm"
 backend.register_op(
@@ -68,7 +69,7 @@ def clip_grad_norm_ref(grads: List[Tensor], max_norm: float) -> Tensor:
 def _native_ok(grads: List[Tensor], device: torch.device) -> bool:
     dtypes = set()
     for g in grads:
-        if g.layout != torch.strided or g.device != device or not g.is_contiguous():
+        if g.device != device or not is_dense(g):  # the kernels walk each grad's memory as a flat array
             return False
         dtypes.add(g.dtype)
     return all(d in DTYPE_CODE and backend.select(OP, device, d).impl == backend.NATIVE for d in dtypes)
@@ -204,9 +205,9 @@ def clip_grad_norm_(
     simple = (
         float(norm_type) == 2.0
         and len(devices) == 1
-        and all(g.dtype in DTYPE_CODE and g.layout == torch.strided and g.is_contiguous() for g in grads)
+        and all(g.dtype in DTYPE_CODE and is_dense(g) for g in grads)
     )
-    if not simple:  # other norms, several devices, sparse or strided gradients
+    if not simple:  # other norms, several devices, sparse gradients or gradients with gaps in memory
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite=error_if_nonfinite)
     if not _native_ok(grads, device):
         total = clip_grad_norm_ref(grads, max_norm).to(device)

@@ -18,6 +18,13 @@ and for bf16+fp32-master), so ``gb_per_s`` is the achieved bandwidth; the
 turbotune's ``gb_per_s`` over the copy's is the fraction of the bandwidth
 floor reached (the GPU goal is >= 85%).
 
+CNN mixes (``resnet18-11.7M``, full mode also ``resnet50-25.6M``: the parameter
+shapes of :mod:`turbotune.models.resnet`) have their 4-D conv weights (and
+grads) in channels_last, as ``turbotune.optimize(cnn)`` leaves them; fp32 only:
+torch fused (baseline), turbotune (native kernel, which walks the dense
+channels_last memory) and ``turbotune (reference path)``, the single-tensor
+path such params took before the kernels accepted them.
+
 Mode ``clip+step`` (fp32): gradient clipping by global norm followed by the
 step, as a training loop does. Baseline: ``torch.nn.utils.clip_grad_norm_`` +
 ``torch.optim.AdamW(fused=True).step()`` (40 B/param: norm read 4, scaling
@@ -55,6 +62,19 @@ MODELS: Dict[str, List[Tuple[int, ...]]] = {
 }
 
 
+# CNN mixes: name -> turbotune.models.resnet constructor; conv weights channels_last in the cases.
+CNN_MODELS: Dict[str, str] = {"resnet18-11.7M": "resnet18", "resnet50-25.6M": "resnet50"}
+
+
+def cnn_shapes(model: str) -> List[Tuple[int, ...]]:
+    """Parameter shapes of a ``CNN_MODELS`` ResNet (built on the meta device: no memory, no init)."""
+    from ...models import resnet
+
+    with torch.device("meta"):
+        net = getattr(resnet, CNN_MODELS[model])()
+    return [tuple(p.shape) for p in net.parameters()]
+
+
 def numel(shapes) -> int:
     n = 0
     for s in shapes:
@@ -83,14 +103,37 @@ class _Slot:
         cls.holders.append(holder)
 
 
-def _params(shapes, dtype, device, seed=0):
+def _params(shapes, dtype, device, seed=0, channels_last=False):
+    """Params with fixed random grads; ``channels_last``: 4-D params and their grads in that layout."""
     g = torch.Generator().manual_seed(seed)
     ps = []
     for s in shapes:
-        p = torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(device=device, dtype=dtype))
-        p.grad = (torch.randn(s, generator=g) * 1e-3).to(device=device, dtype=dtype)
+        mf = torch.channels_last if channels_last and len(s) == 4 else torch.contiguous_format
+        p = torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(device=device, dtype=dtype, memory_format=mf))
+        p.grad = (torch.randn(s, generator=g) * 1e-3).to(device=device, dtype=dtype, memory_format=mf)
         ps.append(p)
     return ps
+
+
+def cnn_providers():
+    """``(name, baseline, make(params) -> step function)`` of the CNN (channels_last) cases."""
+    from turbotune import backend
+    from turbotune.optim import AdamW
+
+    def reference(ps):
+        opt = AdamW(ps, lr=1e-4)
+
+        def step():
+            with backend.force("reference"):
+                opt.step()
+
+        return step
+
+    return [
+        ("torch-fused", True, lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True).step),
+        ("turbotune", False, lambda ps: AdamW(ps, lr=1e-4).step),
+        ("turbotune (reference path)", False, reference),
+    ]
 
 
 def _lazy_call(make: Callable[[], Callable[[], object]], group=None) -> Callable[[], None]:
@@ -209,6 +252,15 @@ def optim_suite(quick: bool, device: torch.device) -> Iterable[Case]:
                                                              (group, "clip")), baseline, bpp * n)
                 # bandwidth floor: a plain copy moving the same 28 B/param (read 14, write 14)
                 yield case("copy (28 B/param floor)", "step", _lazy_copy(n, device, group), False, 28 * n)
+    for model in (["resnet18-11.7M"] if quick else list(CNN_MODELS)):
+        shapes = cnn_shapes(model)
+        n = numel(shapes)
+        shape = f"{model} ({n / 1e6:.1f}M params, {len(shapes)} tensors, conv weights channels_last)"
+        for name, baseline, make in cnn_providers():
+            fn = _lazy_call(lambda make=make, shapes=shapes: make(_params(shapes, torch.float32, device,
+                                                                          channels_last=True)), (model, "fp32"))
+            yield Case(op="adamw_step", provider=name, mode="step", shape=shape, dtype="fp32",
+                       device=str(device.type), fn=fn, baseline=baseline, work={"bytes": float(28 * n)})
 
 
 def memory_table(n_params: int = 1000) -> List[dict]:

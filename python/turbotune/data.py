@@ -177,9 +177,14 @@ def movie_reviews(path: Optional[str] = None, *, min_abs_rating: float = 0.5, fe
             path = fetch_movie_reviews()
     out = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            rating_s, text = line.rstrip("\n").split("\t", 1)
-            rating = float(rating_s)
+        for lineno, line in enumerate(f, 1):
+            rating_s, tab, text = line.rstrip("\n").partition("\t")
+            try:
+                rating = float(rating_s) if tab else None
+            except ValueError:
+                rating = None
+            if rating is None:
+                raise ValueError(f"{path}: line {lineno}: expected '<rating>\\t<text>', got {line[:80]!r}")
             if abs(rating) >= min_abs_rating:
                 out.append(LabeledText(text, int(rating > 0), rating))
     return out
@@ -187,6 +192,9 @@ def movie_reviews(path: Optional[str] = None, *, min_abs_rating: float = 0.5, fe
 
 def split_dataset(items: List, *, test_size: int = 1000, val_size: int = 1000, seed: int = 0) -> Dict[str, List]:
     """A fixed, seeded ``{"train", "validation", "test"}`` split (shuffled once with ``random.Random(seed)``)."""
+    for name, value in (("test_size", test_size), ("val_size", val_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"split_dataset: {name} must be an int, got {type(value).__name__}")
     if test_size < 0 or val_size < 0 or test_size + val_size >= len(items):
         raise ValueError(f"split_dataset: test_size + val_size = {test_size + val_size} must be smaller than the "
                          f"{len(items)} items")

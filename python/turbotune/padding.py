@@ -33,7 +33,13 @@ def _check_mask(fn: str, attention_mask: Tensor, batch: int, seqlen: int) -> Ten
 
 
 def seqlens_to_cu_seqlens(seqlens: Tensor) -> Tensor:
-    """``(B,)`` integer lengths -> ``(B + 1,)`` int32 cumulative lengths starting at 0."""
+    """``(B,)`` integer lengths (>= 0) -> ``(B + 1,)`` int32 cumulative lengths starting at 0."""
+    if not isinstance(seqlens, Tensor):
+        raise TypeError(f"seqlens_to_cu_seqlens: seqlens must be a torch.Tensor, got {type(seqlens).__name__}")
+    if seqlens.is_floating_point() or seqlens.is_complex() or seqlens.dtype == torch.bool:
+        raise TypeError(f"seqlens_to_cu_seqlens: seqlens must hold integer lengths, got dtype {seqlens.dtype}")
+    if seqlens.device.type == "cpu" and seqlens.numel() and bool((seqlens < 0).any()):
+        raise ValueError(f"seqlens_to_cu_seqlens: seqlens must be >= 0, got {seqlens.min().item()}")
     cu = torch.zeros(seqlens.numel() + 1, dtype=torch.int32, device=seqlens.device)
     cu[1:] = torch.cumsum(seqlens.reshape(-1), 0, dtype=torch.int32)
     return cu
@@ -82,8 +88,15 @@ def pad_input(packed: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tenso
                          f"{tuple(indices.shape) if isinstance(indices, Tensor) else type(indices).__name__}")
     if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"pad_input: indices must be int64 (or int32), got {indices.dtype}")
+    if indices.device != packed.device:
+        raise ValueError(f"pad_input: indices is on {indices.device} but packed is on {packed.device}")
+    for name, value in (("batch", batch), ("seqlen", seqlen)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"pad_input: {name} must be an int, got {type(value).__name__}")
     if batch < 0 or seqlen < 0:
         raise ValueError(f"pad_input: batch and seqlen must be >= 0, got {batch}, {seqlen}")
+    if batch * seqlen >= 2**63:
+        raise ValueError(f"pad_input: batch * seqlen = {batch * seqlen} does not fit in int64")
     out = packed.new_zeros((batch * seqlen, *packed.shape[1:]))
     out = out.index_copy(0, indices.to(torch.int64), packed)
     return out.view(batch, seqlen, *packed.shape[1:])

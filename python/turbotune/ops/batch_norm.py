@@ -33,6 +33,7 @@ This module holds everything about the op:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -185,7 +186,7 @@ if HAS_TRITON:
     @triton.jit
     def _act_fwd(z, ACT: tl.constexpr):
         if ACT == 1:
-            z = tl.maximum(z, 0.0)
+            z = tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, as torch.relu (tl.maximum would drop it)
         elif ACT == 2:
             z = z * tl.sigmoid(z)
         elif ACT == 3:
@@ -683,6 +684,9 @@ def _check(x, weight, bias, running_mean, running_var, training, momentum, eps, 
     if not training and running_mean is None:
         raise ValueError("batch_norm_act: eval mode (training=False) needs running_mean and running_var")
     _check_tensor("residual", residual, tuple(x.shape), "(x's shape)", x)
+    for name, value in (("eps", eps), ("momentum", momentum)):
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+            raise TypeError(f"batch_norm_act: {name} must be a float, got {type(value).__name__}")
     if not (eps > 0.0) or math.isinf(eps):
         raise ValueError(f"batch_norm_act: eps must be a finite number > 0, got {eps}")
     if not (0.0 <= momentum <= 1.0):

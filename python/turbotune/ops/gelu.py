@@ -226,7 +226,8 @@ def _backward_triton(dy2: Tensor, x2: Tensor, b: Optional[Tensor], approximate: 
 
 
 def _use_triton(x: Tensor) -> bool:
-    return x.dtype in backend.FLOATS and backend.select(OP, x.device, x.dtype).impl == backend.TRITON
+    # zero-element tensors (e.g. N = 0 columns, which cannot be viewed as rows) take the ATen path
+    return x.numel() > 0 and x.dtype in backend.FLOATS and backend.select(OP, x.device, x.dtype).impl == backend.TRITON
 
 
 def _bias_gelu_impl(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
@@ -358,12 +359,20 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approx
     ``F.gelu(F.linear(x, weight, bias))``: ATen's CPU ``addmm`` folds the bias
     into the matmul, which no separate elementwise op can beat.
     """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"linear_gelu: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point() or x.dim() < 1:
+        raise TypeError(f"linear_gelu: x must be a floating tensor of shape (..., K), got dtype {x.dtype}, "
+                        f"shape {tuple(x.shape)}")
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"linear_gelu: weight must be a (N, K) tensor, got "
                          f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
-    if isinstance(x, Tensor) and x.dim() >= 1 and x.shape[-1] != weight.shape[1]:
+    if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear_gelu: x's last dim {x.shape[-1]} does not match weight's K = {weight.shape[1]}")
-    if bias is not None and isinstance(x, Tensor) and _use_triton(x):
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],)):
+        got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+        raise ValueError(f"linear_gelu: bias must have shape ({weight.shape[0]},) to match weight, got {got}")
+    if bias is not None and _use_triton(x):
         return bias_gelu(F.linear(x, weight), bias, approximate)
     if not isinstance(approximate, str) or approximate not in APPROXIMATIONS:
         raise ValueError(f"linear_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")

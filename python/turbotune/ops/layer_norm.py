@@ -22,6 +22,7 @@ This module holds everything about the op:
   the eager path that skips the dispatcher);
 - :func:`layer_norm`, the public function.
 """
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -391,6 +392,8 @@ def _check(x, weight, bias, residual, eps):
             raise ValueError(f"layer_norm: residual is on {residual.device} but x is on {x.device}")
         if not residual.is_floating_point():
             raise TypeError(f"layer_norm: residual must be a floating tensor, got dtype {residual.dtype}")
+    if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, Tensor)):
+        raise TypeError(f"layer_norm: eps must be a float, got {type(eps).__name__}")
     if not (eps >= 0.0):
         raise ValueError(f"layer_norm: eps must be >= 0, got {eps}")
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -177,6 +177,8 @@ def _check_step(index: int, value: Any) -> None:
             )
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"optimizer state of parameter {index}: 'step' must be a number, got {type(value).__name__}")
+    if not float(value) >= 0:
+        raise ValueError(f"optimizer state of parameter {index}: 'step' must be >= 0, got {float(value)}")
 
 
 def _count_steps(steps: List[Tensor], found_inf: Optional[Tensor]) -> None:
@@ -334,6 +336,12 @@ class AdamW(torch.optim.Optimizer):
             stochastic_rounding=stochastic_rounding,
         )
         _validate_group(dict(defaults, params=[]))
+        if not isinstance(params, Tensor):  # (a tensor gets torch's own TypeError)
+            try:
+                params = list(params)
+            except TypeError:
+                raise TypeError(f"params: expected an iterable of tensors or dicts, got {type(params).__name__}") \
+                    from None
         self._max_grad_norm = _check_max_grad_norm(max_grad_norm)
         self.last_grad_norm: Optional[Tensor] = None
         # id(param) -> (param, config, state tensors) of states already checked and prepared
@@ -389,8 +397,19 @@ class AdamW(torch.optim.Optimizer):
         weights are set aside first and restored in the dtype this optimizer
         keeps them in (master weights stay fp32), on the param's device.
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict: expected a mapping with 'state' and 'param_groups', got "
+                            f"{type(state_dict).__name__}")
         state_dict = dict(state_dict)
-        saved_groups = state_dict["param_groups"]
+        if not isinstance(state_dict.get("state"), Mapping):
+            raise ValueError(f"state_dict: expected 'state' to be a mapping, got "
+                             f"{type(state_dict.get('state')).__name__}")
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, (list, tuple)) or not all(
+                isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in saved_groups):
+            raise ValueError("state_dict: expected 'param_groups' to be a list of dicts, each with a 'params' list")
+        for g in saved_groups:
+            _validate_group(dict(self.defaults, **{k: v for k, v in g.items() if k in self.defaults}, params=[]))
         params = [p for g in self.param_groups for p in g["params"]]
         by_id: Dict[Any, Tuple[int, Tensor]] = {}
         if len(saved_groups) == len(self.param_groups) and all(

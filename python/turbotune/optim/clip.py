@@ -9,6 +9,7 @@ both as op ``clip_grad_norm``.
 from __future__ import annotations
 
 import math
+import numbers
 import struct
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Tuple, Union
@@ -193,7 +194,16 @@ def clip_grad_norm_(
     """
     if isinstance(parameters, Tensor):
         parameters = [parameters]
-    params = list(parameters)
+    try:
+        params = list(parameters)
+    except TypeError:
+        raise TypeError(f"parameters: expected a tensor or an iterable of tensors, got {type(parameters).__name__}") \
+            from None
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"parameters[{i}]: expected a tensor, got {type(p).__name__}")
+    if isinstance(max_norm, (bool, str)) or not isinstance(max_norm, (numbers.Real, Tensor)):
+        raise TypeError(f"max_norm: expected a number, got {type(max_norm).__name__}")
     max_norm = float(max_norm)
     if not max_norm >= 0:
         raise ValueError(f"max_norm: expected a non-negative number, got {max_norm}")

@@ -59,12 +59,19 @@ def _additive_mask(q: Tensor, k: Tensor, mask: Optional[Tensor], bias: Optional[
     return m
 
 
+def _unit_d(*ts: Tensor):
+    """The tensors with a unit-stride head dim: ATen's CPU flash kernel reads rows of D as if
+    contiguous (SDPA copies such inputs before calling it; a direct call must too)."""
+    return [t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in ts]
+
+
 class _Aten:
     """ATen's CPU flash kernel behind :mod:`.reference`'s dense signatures."""
 
     @staticmethod
     def forward(q, k, v, attention_mask, attn_bias, dropout_p, causal, scale, seed, offset):
         assert dropout_p == 0.0, "the ATen path has no dropout"
+        q, k, v = _unit_d(q, k, v)
         mask = _additive_mask(q, k, attention_mask, attn_bias, causal)
         out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
         lse = lse.to(torch.float32)
@@ -77,6 +84,7 @@ class _Aten:
     def backward(dout, q, k, v, out, lse, attention_mask, attn_bias, dropout_p, causal, scale, seed, offset,
                  bias_grad=False):
         assert dropout_p == 0.0 and not bias_grad, "the ATen path has no dropout and no bias gradient"
+        dout, q, k, v, out = _unit_d(dout, q, k, v, out)
         mask = _additive_mask(q, k, attention_mask, attn_bias, causal)
         lse = lse.masked_fill(torch.isneginf(lse), 0.0)  # exp(-inf - 0) = 0 for rows with no key
         dq, dk, dv = _CPU_FLASH_BWD(dout, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)

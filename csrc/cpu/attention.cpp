@@ -961,8 +961,9 @@ void backward_item(const Ctx& cx, const Item& it, Scratch& sc) {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = it.h0 + g;
         const float l = static_cast<const float*>(cx.lse.ptr)[b * cx.lse.sb + h * cx.lse.sh + row * cx.lse.sr];
-        // A row the forward found empty (lse = -inf) gets no gradient.
-        lse2[g * bm + r] = l == kNegInf ? std::numeric_limits<float>::quiet_NaN() : l * kLog2e;
+        // A row the forward found empty (lse = -inf) gets no gradient; a NaN lse (inf / NaN in the
+        // inputs) flows into the gradients as NaN, as in the reference.
+        lse2[g * bm + r] = l * kLog2e;
         float* q_r = Qb + (g * bm + r) * ldd;
         float* do_r = dOb + (g * bm + r) * ldd;
         load_row<S>(elem_ptr<S>(cx.q, b, h, row), cx.q.sd, D, q_r, ldd);
@@ -976,7 +977,7 @@ void backward_item(const Ctx& cx, const Item& it, Scratch& sc) {
       float* q_g = Qb + g * bm * ldd;
       float* do_g = dOb + g * bm * ldd;
       if (lkc > 0) {
-        for (int64_t r = 0; r < m; ++r) rcnt[r] = std::isnan(lse2[g * bm + r]) ? 0 : ncnt[r];
+        for (int64_t r = 0; r < m; ++r) rcnt[r] = lse2[g * bm + r] == kNegInf ? 0 : ncnt[r];
         Gemm gs;
         gs.M = m, gs.N = lkn, gs.K = D, gs.a = q_g, gs.lda = ldd, gs.b = KT + g * D * lks, gs.ldb = lks;
         gs.c = Sb, gs.ldc = lks, gs.row_ncol = causal ? rcnt : nullptr;

@@ -462,18 +462,21 @@ TT_INLINE RowStat fwd_row_body(float* __restrict s, int64_t n, int64_t lkn, floa
 
 // Per row of a block: lse = max * scale + log(sum) (natural log; -inf when sum is 0: no key) and
 // inv = 1 / sum (0 when no key). max / sum are the raw-unit row max and the sum fwd_row returned.
+// A NaN sum (inf / NaN in the inputs) gives a NaN lse and inv, so the backward propagates NaN too.
 template <class C>
 TT_INLINE void row_stats_body(const float* __restrict mx, const float* __restrict sum, int64_t m, float scale,
                               float* __restrict lse, float* __restrict inv) {
   using V = typename C::V;
   constexpr int W = C::W;
   const V zero{}, ninf = vset<V>(kNegInf), one = vset<V>(1.f);
+  const V nan = vset<V>(std::numeric_limits<float>::quiet_NaN());
   for (int64_t r = 0; r < m; r += W) {  // the arrays hold a multiple of W entries
     const V sm = vload<V>(sum + r);
     const auto any = sm > zero;
+    const auto bad = sm != sm;
     const V safe = any ? sm : one;
-    vstore(lse + r, any ? vload<V>(mx + r) * scale + vlog<W>(safe) : ninf);
-    vstore(inv + r, any ? one / safe : zero);
+    vstore(lse + r, any ? vload<V>(mx + r) * scale + vlog<W>(safe) : (bad ? nan : ninf));
+    vstore(inv + r, any ? one / safe : (bad ? nan : zero));
   }
 }
 

@@ -15,7 +15,8 @@ Three small local functions are the single places where an op is chosen, so a
 faster implementation slots in without touching the model code:
 
 - :func:`packed_attention`: varlen attention (``turbotune.ops.attention_varlen``;
-  on CPU without dropout, length-bucketed SDPA, see its docstring);
+  length-bucketed SDPA only on CPU without dropout when attention's CPU backend
+  is ATen's, see its docstring);
 - :func:`bias_gelu`: ``GELU(x @ W^T + b)``;
 - :func:`cross_entropy`: the heads' loss.
 """

@@ -2,10 +2,10 @@
 
 Forward and backward of ``softmax(q k^T * scale + masks) v`` on CPU tensors,
 for packed variable-length batches (``cu_seqlens``) and dense ``(B, H, L, D)``
-batches with an optional key padding mask, causal masking and dropout. The
-functions mirror the implementation signatures of
-:mod:`turbotune.ops.attention` (``_attention_varlen_fwd_impl`` and friends)
-so the op dispatch can call them directly:
+batches with an optional key padding mask, causal masking and dropout.
+:class:`OpImplementation` adapts them to the reference's signatures
+(:class:`.cpu.NativeAttention`); :mod:`turbotune.ops.attention` registers it
+with :func:`.cpu.register_native` as the default CPU path. The functions:
 
 - :func:`varlen_forward` / :func:`varlen_backward`
 - :func:`dense_forward` / :func:`dense_backward`

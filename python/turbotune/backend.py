@@ -268,6 +268,44 @@ def select_cached(op: str, device_type: str, dtype: torch.dtype, forced_impl: Op
     return Choice(REFERENCE, "PyTorch reference: " + "; ".join(dict.fromkeys(reasons)))
 
 
+def cpu_flags() -> frozenset:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def bf16_support(device) -> Tuple[bool, str]:
+    """Whether bf16 math is *fast* on ``device``, and why: the one answer every ``dtype="auto"`` uses
+    (``optimize`` for BERT and CNNs, ``turbotune finetune``, the benchmark suites).
+
+    CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and newer). CPU: only with AVX512-BF16 or AMX
+    (``/proc/cpuinfo`` flags ``avx512_bf16`` / ``amx_bf16``, else the native extension's CPU probe);
+    without them bf16 matmuls are emulated and several times *slower* than fp32 (measured: 9x on an
+    AVX2 CPU), so they are not used by default.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return ok, ("CUDA device supports bf16" if ok else "this CUDA device has no native bf16 (pre-Ampere)")
+    if device.type != "cpu":
+        return False, f"bf16 support on {device.type} is not known"
+    flags = cpu_flags()
+    found = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if not flags:
+        st = _native.status()
+        if st.loaded:
+            found = sorted(k for k in ("avx512bf16", "amx_bf16") if st.cpu_features.get(k))
+    if found:
+        return True, f"CPU has {', '.join(found)}"
+    return False, "this CPU has neither AVX512-BF16 nor AMX (bf16 would be emulated, slower than fp32)"
+
+
 def select(op: str, device: torch.device, dtype: torch.dtype) -> Choice:
     """Choose the implementation of ``op`` for tensors on ``device`` with ``dtype``."""
     return select_cached(op, torch.device(device).type, dtype, forced(), interpreter_enabled())

@@ -42,6 +42,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .backend import bf16_support
+
 __all__ = [
     "FinetuneError", "DataError", "ModelDirError", "OutOfMemory",
     "bf16_support", "resolve_dtype", "Recipe", "RECIPES", "Dist", "dist_from_env", "init_distributed",
@@ -77,47 +79,6 @@ def oom_error(exc: BaseException, batch_size: int, dtype: torch.dtype, device: t
 
 
 # ----------------------------------------------------------------------------- hardware / precision
-
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def bf16_support(device: torch.device) -> Tuple[bool, str]:
-    """Whether bf16 math is *fast* on ``device``, and why.
-
-    CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and newer). CPU: only with AVX512-BF16 or AMX
-    (``/proc/cpuinfo`` flags ``avx512_bf16`` / ``amx_bf16``, or the native extension's CPU probe);
-    without them bf16 matmuls are emulated and several times *slower* than fp32 (measured: 9x on an
-    AVX2 CPU), so they are not used by default.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return ok, ("CUDA device supports bf16" if ok else "this CUDA device has no native bf16 (pre-Ampere)")
-    if device.type != "cpu":
-        return False, f"bf16 support on {device.type} is not known"
-    flags = _cpu_flags()
-    found = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    if not flags:
-        try:
-            from . import _native
-
-            st = _native.status()
-            if st.loaded and st.cpu_features.get("avx512bf16"):
-                found = ["avx512bf16"]
-        except Exception:  # pragma: no cover - the extension is optional here
-            pass
-    if found:
-        return True, f"CPU has {', '.join(found)}"
-    return False, "this CPU has neither AVX512-BF16 nor AMX (bf16 would be emulated, slower than fp32)"
-
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 

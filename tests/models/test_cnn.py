@@ -333,10 +333,11 @@ def test_dtype_option():
     auto.revert()
 
 
-@pytest.mark.parametrize("kwargs, match", [(dict(bogus=1), "unknown option"), (dict(dtype="fp8"), "dtype must be"),
-                                           (dict(dtype=torch.int8), "dtype must be")])
-def test_bad_options(kwargs, match):
-    with pytest.raises(TypeError, match=match):
+@pytest.mark.parametrize("kwargs, exc, match", [(dict(bogus=1), TypeError, "unknown option"),
+                                                (dict(dtype="fp8"), ValueError, "dtype must be"),
+                                                (dict(dtype=torch.int8), TypeError, "dtype must be")])
+def test_bad_options(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
         turbotune.optimize(tiny_resnet(), **kwargs)
 
 

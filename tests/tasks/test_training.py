@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from turbotune import training
+from turbotune import backend, training
 from turbotune.training import (RECIPES, Dist, FinetuneError, Trainer, atomic_dir, bf16_support,
                                 check_output_dir, classification_metrics, plan_batches, recover_dir, resolve_dtype,
                                 shard)
@@ -55,14 +55,14 @@ def test_classification_metrics():
 
 
 def test_bf16_choice_follows_the_hardware(monkeypatch):
-    monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(backend, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     ok, why = bf16_support(torch.device("cpu"))
     assert not ok and "neither AVX512-BF16 nor AMX" in why
     assert resolve_dtype("auto", torch.device("cpu"))[0] == torch.float32
-    monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr(backend, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     assert bf16_support(torch.device("cpu")) == (True, "CPU has avx512_bf16")
     assert resolve_dtype("auto", torch.device("cpu"))[0] == torch.bfloat16
-    monkeypatch.setattr(training, "_cpu_flags", lambda: {"amx_bf16"})
+    monkeypatch.setattr(backend, "cpu_flags", lambda: frozenset({"amx_bf16"}))
     assert resolve_dtype(None, torch.device("cpu"))[0] == torch.bfloat16
     assert resolve_dtype("float32", torch.device("cpu")) == (torch.float32, "requested")
     assert resolve_dtype(torch.bfloat16, torch.device("cpu"))[0] == torch.bfloat16

@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import backend
 from ..ops.batch_norm import ACTIVATIONS, batch_norm_act
 from .dispatch import OptimizeHandle, register_path
 
@@ -66,27 +67,10 @@ _BERT_FAMILY = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "al
 
 @functools.lru_cache(maxsize=None)
 def fast_bf16(device_type: str = "cpu") -> bool:
-    """True where bf16 convolutions and matmuls are faster than fp32: a CUDA GPU
-    with bf16 support, or a CPU with AVX512-BF16 or AMX. AVX2-only CPUs run bf16
-    several times slower than fp32, so ``dtype="auto"`` stays fp32 there."""
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device_type != "cpu":
-        return False
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(cpu, probe, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:  # pragma: no cover - private torch API
-            pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return " avx512_bf16" in flags or " amx_bf16" in flags
-    except OSError:
-        return False
+    """True where bf16 convolutions and matmuls are faster than fp32 (:func:`turbotune.backend.bf16_support`):
+    a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX. AVX2-only CPUs run bf16 several times slower
+    than fp32, so ``dtype="auto"`` stays fp32 there."""
+    return backend.bf16_support(torch.device(device_type))[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -554,16 +538,17 @@ def apply(model: nn.Module, *, dtype=None, channels_last: Optional[bool] = None,
         an :class:`~turbotune.models.dispatch.OptimizeHandle` with ``kind="cnn"``.
 
     Raises:
-        TypeError: an unknown option, or ``dtype`` not one of the above.
+        TypeError: an unknown option, or ``dtype`` of another type than the above.
+        ValueError: ``dtype`` a string other than ``"auto"``.
     """
     if unknown:
         raise TypeError(f"turbotune.optimize (cnn path): unknown option(s) {sorted(unknown)}; "
                         "expected dtype, channels_last, fold")
     dev = _device_type(model)
     if isinstance(dtype, str):
-        if dtype != "auto":
-            raise TypeError(f"turbotune.optimize: dtype must be None, 'auto', torch.bfloat16 or torch.float16, "
-                            f"got {dtype!r}")
+        if dtype != "auto":  # a string of the wrong value: ValueError, as on the BERT path
+            raise ValueError(f"turbotune.optimize: dtype must be None, 'auto', torch.bfloat16 or torch.float16, "
+                             f"got {dtype!r}")
         dtype = torch.bfloat16 if fast_bf16(dev) else None
     elif dtype is not None and dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"turbotune.optimize: dtype must be None, 'auto', torch.bfloat16 or torch.float16, got {dtype!r}")

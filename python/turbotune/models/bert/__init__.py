@@ -47,6 +47,7 @@ from typing import List, Optional, Union
 
 import torch
 
+from ... import backend
 from ..dispatch import OptimizeHandle, register_path
 from .forward import TurbotuneFallbackWarning, install
 from .layout import base_model, head_kind, make_spec, unsupported_config
@@ -66,26 +67,9 @@ def matches(model: torch.nn.Module) -> bool:
 
 
 def fast_bf16_available(device: torch.device) -> bool:
-    """Whether bf16 matmuls are fast on ``device``: a CUDA GPU with bf16 support, or a CPU
-    with AVX512-BF16 / AMX (on AVX2-only CPUs bf16 GEMMs are several times slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        from ..._native import status
-
-        feats = status().cpu_features
-        if feats.get("avx512bf16") or feats.get("amx_bf16"):
-            return True
-    except Exception:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return " avx512_bf16" in flags or " amx_bf16" in flags
-    except OSError:
-        return False
+    """Whether bf16 matmuls are fast on ``device`` (:func:`turbotune.backend.bf16_support`): a CUDA GPU
+    with bf16, or a CPU with AVX512-BF16 / AMX (on AVX2-only CPUs bf16 GEMMs are several times slower)."""
+    return backend.bf16_support(device)[0]
 
 
 def _resolve_dtype(model: torch.nn.Module, dtype) -> Optional[torch.dtype]:

@@ -427,7 +427,7 @@ def token_lengths(split: Split, model_dir: str, max_length: int) -> List[int]:
 # ----------------------------------------------------------------------------- options
 
 DEFAULTS: Dict[str, Any] = dict(
-    epochs=2, batch_size=32, lr=1e-4, max_length=64, seed=0, warmup_ratio=0.1, weight_decay=0.01,
+    epochs=3, batch_size=32, lr=5e-5, max_length=64, seed=0, warmup_ratio=0.1, weight_decay=0.01,
     max_grad_norm=1.0, patience=1, group_by_length=True, dtype="auto", eval_batch_size=128,
 )
 

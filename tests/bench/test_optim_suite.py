@@ -18,7 +18,7 @@ def test_channels_last_params_and_grads_share_the_layout():
 
 def test_quick_suite_has_the_cnn_cases_and_they_run():
     cases = [c for c in optim_suite(quick=True, device=torch.device("cpu")) if c.shape.startswith("resnet18")]
-    assert [c.provider for c in cases] == ["torch-fused", "turbotune", "turbotune (reference path)"]
+    assert [c.provider for c in cases] == ["torch-fused", "turbotune", "single-tensor reference (old fallback)"]
     assert [c.baseline for c in cases] == [True, False, False]
     for c in cases:
         c.fn()  # builds that case's params and optimizer (freeing the previous case's) and steps once

@@ -50,12 +50,16 @@ def bn_providers(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.devic
     rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
     leaves = [x, w, b] + ([r] if residual else [])
 
+    # Each call updates its own copy of the running statistics: the harness keeps one graph alive for
+    # its ``bwd`` mode while other calls run, and ATen's batch-norm backward checks that the statistics
+    # it saved were not modified in place since (both providers pay the same two tiny copies).
     def stock():
-        z = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+        z = F.batch_norm(x, rm.clone(), rv.clone(), w, b, True, 0.1, 1e-5)
         return torch.relu(z + r) if residual else torch.relu(z)
 
     def fused():
-        return batch_norm_act(x, w, b, rm, rv, training=True, momentum=0.1, eps=1e-5, activation="relu", residual=r)
+        return batch_norm_act(x, w, b, rm.clone(), rv.clone(), training=True, momentum=0.1, eps=1e-5,
+                              activation="relu", residual=r)
 
     return {"torch": (stock, leaves), "turbotune": (fused, leaves)}
 

@@ -22,7 +22,7 @@ CNN mixes (``resnet18-11.7M``, full mode also ``resnet50-25.6M``: the parameter
 shapes of :mod:`turbotune.models.resnet`) have their 4-D conv weights (and
 grads) in channels_last, as ``turbotune.optimize(cnn)`` leaves them; fp32 only:
 torch fused (baseline), turbotune (native kernel, which walks the dense
-channels_last memory) and ``turbotune (reference path)``, the single-tensor
+channels_last memory) and ``single-tensor reference (old fallback)``, the single-tensor
 path such params took before the kernels accepted them.
 
 Mode ``clip+step`` (fp32): gradient clipping by global norm followed by the
@@ -132,7 +132,7 @@ def cnn_providers():
     return [
         ("torch-fused", True, lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True).step),
         ("turbotune", False, lambda ps: AdamW(ps, lr=1e-4).step),
-        ("turbotune (reference path)", False, reference),
+        ("single-tensor reference (old fallback)", False, reference),
     ]
 
 

@@ -33,6 +33,16 @@ def triton_backend():
         yield
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (modules of many tiny ops use it: OpenMP barriers stall on a
+    shared CPU); the previous count is restored."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

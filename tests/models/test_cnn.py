@@ -13,13 +13,7 @@ from turbotune.models import cnn
 from turbotune.testing import assert_close
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Correctness tests of many tiny ops: one thread avoids OpenMP barrier stalls on a shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny ops: see tests/conftest.py
 
 
 # ----------------------------------------------------------------------------- test-written models

@@ -12,13 +12,7 @@ from turbotune.testing import DTYPE_PARAMS, assert_close
 ACTS = ["relu", "silu", "gelu", "gelu_tanh", "none"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many tiny ops: one thread avoids OpenMP barrier stalls on a shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny ops: see tests/conftest.py
 
 
 def _act64(z, act):

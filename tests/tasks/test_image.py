@@ -19,12 +19,7 @@ from turbotune.tasks import image
 HAS_FASHION = os.path.isdir(data.FASHION_MNIST_DIR) and bool(os.listdir(data.FASHION_MNIST_DIR))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny ops: see tests/conftest.py
 
 
 def _write_idx(path, array, code=0x08):

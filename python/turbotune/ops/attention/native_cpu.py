@@ -165,7 +165,7 @@ def _check_key_mask(fn: str, key_mask, b: int, lk: int) -> Optional[Tensor]:
     return (key_mask != 0).view(torch.uint8)
 
 
-def _check_cu(fn: str, name: str, cu, total: int, max_name: str, max_seqlen) -> None:
+def _check_cu(fn: str, name: str, cu, total: int, max_name: str, max_seqlen, values: bool = True) -> None:
     if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 1 or cu.dtype != torch.int32:
         got = f"shape {tuple(cu.shape)} dtype {cu.dtype}" if isinstance(cu, Tensor) else type(cu).__name__
         raise ValueError(f"{fn}: {name} must be a (B + 1,) int32 tensor, got {got}")
@@ -173,6 +173,8 @@ def _check_cu(fn: str, name: str, cu, total: int, max_name: str, max_seqlen) -> 
         raise ValueError(f"{fn}: {name} must be a CPU tensor, got device {cu.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"{fn}: {max_name} must be a non-negative int, got {max_seqlen!r}")
+    if not values:  # the caller validated the boundaries already (the attention op does, once per call)
+        return
     vals = cu.tolist()
     if vals[0] != 0:
         raise ValueError(f"{fn}: {name} must start at 0, got {vals[0]}")
@@ -242,15 +244,15 @@ def _check_grad_inputs(fn: str, q: Tensor, grad, layout: str, lse_shape) -> None
 
 
 def _varlen_problem(fn: str, q, k, v, grad, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset,
-                    simd) -> dict:
+                    simd, check_cu_values: bool = True) -> dict:
     """Checks every argument of a varlen call (``grad`` = (dout, out, lse) for the backward)."""
     _check_qkv(fn, q, k, v, 3, "(total, H, D)")
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"{fn}: k must have q's head count {q.shape[1]}, got shape {tuple(k.shape)}")
     if grad is not None:
         _check_grad_inputs(fn, q, grad, "(total_q, H, D)", (q.shape[1], q.shape[0]))
-    _check_cu(fn, "cu_q", cu_q, q.shape[0], "max_q", max_q)
-    _check_cu(fn, "cu_k", cu_k, k.shape[0], "max_k", max_k)
+    _check_cu(fn, "cu_q", cu_q, q.shape[0], "max_q", max_q, check_cu_values)
+    _check_cu(fn, "cu_k", cu_k, k.shape[0], "max_k", max_k, check_cu_values)
     if cu_q.numel() != cu_k.numel():
         raise ValueError(f"{fn}: cu_q and cu_k must have the same length (B + 1), got {cu_q.numel()} and {cu_k.numel()}")
     p, thr, off = _check_scalars(fn, dropout_p, causal, scale, seed, offset)
@@ -280,7 +282,7 @@ def _dense_problem(fn: str, q, k, v, grad, key_mask, causal, scale, dropout_p, s
 
 def varlen_forward(
     q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, dropout_p: float,
-    causal: bool, scale: float, seed: int, offset: int, *, simd: str = "auto",
+    causal: bool, scale: float, seed: int, offset: int, *, simd: str = "auto", check_cu_values: bool = True,
 ) -> Tuple[Tensor, Tensor]:
     """Forward over packed sequences.
 
@@ -293,13 +295,15 @@ def varlen_forward(
         dropout_p: in ``[0, 1)``. causal: bool (per sequence, bottom-right aligned).
         scale: softmax scale (finite float). seed: int in ``[0, 2**63)``. offset: int in ``[0, 2**32)``.
         simd: ``"auto"`` or a variant to force (tests).
+        check_cu_values: False when the caller has already checked the ``cu`` / ``max`` values (the
+            attention op does, once per call); their dtype, shape and device are always checked.
 
     Returns:
         ``(out, lse)``: out ``(total_q, H, D)`` in q's dtype (``empty_like(q)``), lse fp32
         ``(H, total_q)`` (natural log; ``-inf`` for rows with no key).
     """
     args = _varlen_problem("varlen_forward", q, k, v, None, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale,
-                           seed, offset, simd)
+                           seed, offset, simd, check_cu_values)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
     _lib().attention_forward_cpu(**args, q=_varlen_view(q), k=_varlen_view(k), v=_varlen_view(v),
@@ -310,6 +314,7 @@ def varlen_forward(
 def varlen_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int,
     max_k: int, dropout_p: float, causal: bool, scale: float, seed: int, offset: int, *, simd: str = "auto",
+    check_cu_values: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward of :func:`varlen_forward` (same arguments, plus ``dout`` and the forward's ``out``
     ``(total_q, H, D)`` and ``lse`` ``(H, total_q)`` fp32). The dropout mask is regenerated.
@@ -318,7 +323,7 @@ def varlen_backward(
         ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v`` (``empty_like``), in their dtype.
     """
     args = _varlen_problem("varlen_backward", q, k, v, (dout, out, lse), cu_q, cu_k, max_q, max_k, dropout_p, causal,
-                           scale, seed, offset, simd)
+                           scale, seed, offset, simd, check_cu_values)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _lib().attention_backward_cpu(
         **args, dout=_varlen_view(dout), q=_varlen_view(q), k=_varlen_view(k), v=_varlen_view(v),
@@ -400,14 +405,10 @@ def dropout_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int, dropout_p
 # ----------------------------------------------------------------------------- the op's seam
 
 
-def _int32(cu: Tensor) -> Tensor:
-    return cu if cu.dtype == torch.int32 else cu.to(torch.int32)
-
-
 class OpImplementation:
     """These kernels behind :class:`.cpu.NativeAttention` (the reference's signatures), as
     :func:`.cpu.register_native` takes them. ``attn_bias`` is never given (calls with a bias
-    take another path)."""
+    take another path); ``cu_seqlens`` arrive int32 with their values checked by the op."""
 
     DTYPES = SUPPORTED_DTYPES
 
@@ -423,10 +424,10 @@ class OpImplementation:
 
     @staticmethod
     def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset):
-        return varlen_forward(q, k, v, _int32(cu_q), _int32(cu_k), max_q, max_k, dropout_p, causal, scale, seed,
-                              offset)
+        return varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset,
+                              check_cu_values=False)
 
     @staticmethod
     def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed, offset):
-        return varlen_backward(dout, q, k, v, out, lse, _int32(cu_q), _int32(cu_k), max_q, max_k, dropout_p, causal,
-                               scale, seed, offset)
+        return varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, seed,
+                               offset, check_cu_values=False)
